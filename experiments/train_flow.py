@@ -1,0 +1,175 @@
+"""Train a flow on MNIST: `python -m experiments.train_flow --model realnvp [--config.K=V ...]`.
+
+Rerunning the same command resumes from the workdir's checkpoint with the same data order and
+keys. Writes metrics.jsonl, checkpoint.msgpack, final.json and loss_curve.png to the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from experiments.common import ArgumentParser, fail, parse_overrides, save_figure
+from jaxdnn import train
+from jaxdnn.data import batches, load_mnist
+from jaxdnn.flows import CONFIGS, MODELS, build_model
+
+TRAIN_DEFAULTS = dict(
+    batch_size=64, lr=1e-3, steps=5000, warmup=300, clip=100.0, seed=0,
+    eval_every=1000, eval_images=2000, log_every=50, checkpoint_minutes=3.0, max_bad_streak=100,
+)
+
+
+def split_config(model_name: str, overrides: dict, prog: str) -> tuple[dict, dict]:
+    model_keys = set(MODELS[model_name].__dataclass_fields__) - {"parent", "name"}
+    unknown = set(overrides) - model_keys - set(TRAIN_DEFAULTS)
+    if unknown:
+        fail(prog, f"unknown --config keys {sorted(unknown)}; model keys: {sorted(CONFIGS[model_name])},"
+             f" training keys: {sorted(TRAIN_DEFAULTS)}")
+    model_cfg = {**CONFIGS[model_name], **{k: v for k, v in overrides.items() if k in model_keys}}
+    train_cfg = {**TRAIN_DEFAULTS, **{k: v for k, v in overrides.items() if k in TRAIN_DEFAULTS}}
+    return model_cfg, train_cfg
+
+
+def plot_curve(log_path: Path, out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    tr = [(r["step"], r["train_bpd"]) for r in rows if "train_bpd" in r]
+    te = [(r["step"], r["test_bpd"]) for r in rows if "test_bpd" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr, strict=True), lw=0.8, label="train (running mean)")
+    if te:
+        ax.plot(*zip(*te, strict=True), "o-", label="test")
+    ax.set(xlabel="step", ylabel="bits/dim", title=title)
+    if tr:
+        ax.set_ylim(min(v for _, v in tr + te) - 0.05, np.percentile([v for _, v in tr], 95) + 0.1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, out)
+
+
+def main(argv=None) -> int:
+    prog = "python -m experiments.train_flow"
+    parser = ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--workdir", default=None, help="default runs/<model>")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args, rest = parser.parse_known_args(argv)
+    model_cfg, cfg = split_config(args.model, parse_overrides(rest, prog), prog)
+    workdir = Path(args.workdir or f"runs/{args.model}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = workdir / "checkpoint.msgpack", workdir / "metrics.jsonl"
+    config = {"model": args.model, "model_config": model_cfg, "train_config": cfg}
+    if (workdir / "config.json").exists():
+        old = json.loads((workdir / "config.json").read_text())
+        if old["model"] != args.model or old["model_config"] != model_cfg:
+            fail(prog, f"{workdir} holds a run of another model/config; use a new --workdir")
+    (workdir / "config.json").write_text(json.dumps(config, indent=2))
+
+    try:
+        train_images, _ = load_mnist("train")
+        test_images, _ = load_mnist("test")
+    except (FileNotFoundError, ValueError) as e:
+        fail(prog, str(e))
+
+    model = build_model(args.model, **model_cfg)
+    optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"])
+    key = jax.random.key(cfg["seed"])
+    k_init, k_data, k_step, k_eval = jax.random.split(key, 4)
+    mesh = train.data_mesh()
+    if cfg["batch_size"] % mesh.size:
+        fail(prog, f"batch_size {cfg['batch_size']} must be a multiple of the {mesh.size} devices")
+
+    init_batch = train_images[np.random.default_rng(cfg["seed"]).permutation(len(train_images))[:512]]
+    t0 = time.time()
+    state = train.init_state(model, k_init, init_batch, optimizer)
+    wall = 0.0
+    if ckpt_path.exists():
+        state, extra = train.load_checkpoint(ckpt_path, state)
+        wall = extra.get("wall_seconds", 0.0)
+        start = int(state.step)
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+        print(f"resumed {workdir} at step {start}", file=sys.stderr)
+    else:
+        log_path.write_text("")
+    state = train.replicate(state, mesh)
+    step_fn = train.make_train_step(model, optimizer)
+    eval_fn = train.make_eval_fn(model)
+    print(f"{args.model}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
+          f"init {time.time() - t0:.1f}s, devices {mesh.size} x {jax.devices()[0].platform}",
+          file=sys.stderr)
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+    def checkpoint():
+        train.save_checkpoint(ckpt_path, state, {"wall_seconds": wall})
+
+    def log(row):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    start = int(state.step)
+    last_ckpt, t_last = time.time(), time.time()
+    running = []
+    bar = tqdm(total=cfg["steps"], initial=start, disable=args.quiet, dynamic_ncols=True,
+               desc=args.model)
+    for step, batch in batches(k_data, train_images, cfg["batch_size"], start_step=start):
+        if step >= cfg["steps"] or stop["now"]:
+            break
+        state, metrics = step_fn(state, train.shard_batch(batch, mesh), k_step)
+        done = step + 1
+        if done % cfg["log_every"] == 0 or done == cfg["steps"]:
+            bpd = float(metrics["bpd"])
+            running.append(bpd)
+            now = time.time()
+            wall += now - t_last
+            t_last = now
+            row = {"step": done, "train_bpd": float(np.mean(running[-10:])),
+                   "grad_norm": float(metrics["grad_norm"]), "skipped": int(state.skipped),
+                   "wall_seconds": round(wall, 1)}
+            if done % cfg["eval_every"] == 0:
+                bpds = train.evaluate_bpd(eval_fn, state.params, test_images[: cfg["eval_images"]],
+                                          k_eval, mesh=mesh)
+                row["test_bpd"] = float(bpds.mean())
+            log(row)
+            bar.set_postfix(bpd=f"{row['train_bpd']:.3f}",
+                            **({"test": f"{row['test_bpd']:.3f}"} if "test_bpd" in row else {}))
+            if int(state.bad_streak) > cfg["max_bad_streak"]:
+                checkpoint()
+                fail(prog, f"{int(state.bad_streak)} consecutive non-finite updates at step {done};"
+                     " lower --config.lr or raise --config.clip")
+        bar.update(1)
+        if time.time() - last_ckpt > 60 * cfg["checkpoint_minutes"]:
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    wall += time.time() - t_last
+    checkpoint()
+    if int(state.step) < cfg["steps"]:
+        print(f"stopped at step {int(state.step)}; rerun the same command to resume",
+              file=sys.stderr)
+        return 0
+    bpds = train.evaluate_bpd(eval_fn, state.params, test_images, k_eval, mesh=mesh)
+    mean, stderr = train.mean_and_stderr(bpds)
+    final = {**config, "steps": int(state.step), "wall_seconds": round(wall, 1),
+             "test_bpd": mean, "test_bpd_stderr": stderr, "skipped_updates": int(state.skipped),
+             "devices": f"{mesh.size} x {jax.devices()[0].device_kind}"}
+    (workdir / "final.json").write_text(json.dumps(final, indent=2))
+    plot_curve(log_path, workdir / "loss_curve.png", f"{args.model} on MNIST")
+    print(json.dumps(final))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
