@@ -1,0 +1,290 @@
+"""Gambler's ruin (P5): exact DP, unbiased importance sampling, invariance to chunks and devices,
+q rounding, adaptive q, and the experiment's command line.
+
+Unbiasedness is a z-test at a fixed key: |estimate - P| < 5 sd / sqrt(N) with sd the exact
+standard deviation of one weighted path (from the DP), so the tolerance follows the sample
+count. Each kernel configuration compiles once (about 2 s), so the cases share them.
+"""
+
+import functools
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from experiments import gamblers_ruin as cli
+from jaxdnn import gamblers_ruin as gr
+
+COURSE = gr.COURSE
+SMALL = {"start": 3, "target": 10, "p": 0.3, "games": 20}  # odd start: one game per step
+WIDE = {"start": 2041, "target": 2049, "p": 0.45, "games": 40}  # int32-packed balances
+N = 1 << 15
+CHUNK = 1 << 14
+
+
+def brute_force(start, target, p, games, q=0.5, stopped=True):
+    """(P, E_q[W^2 1{hit}]) by enumerating all 2^games win/loss sequences.
+
+    q: a float or a (games, target + 1) table q[t, x] (x frozen after absorption); W weights
+    the games until absorption (stopped) or all games.
+    """
+    prob = second = 0.0
+    for seq in itertools.product((True, False), repeat=games):
+        x, done, hit = start, False, False
+        lp_all = lq_all = lp_w = lq_w = 1.0
+        for t, win in enumerate(seq):
+            qt = q if np.isscalar(q) else q[t, x]
+            fp, fq = (p, qt) if win else (1 - p, 1 - qt)
+            lp_all, lq_all = lp_all * fp, lq_all * fq
+            if not done or not stopped:
+                lp_w, lq_w = lp_w * fp, lq_w * fq
+            if not done:
+                x += 1 if win else -1
+                if x in (0, target):
+                    done, hit = True, x == target
+        prob += lp_all * hit
+        second += lq_all * (lp_w / lq_w) ** 2 * hit
+    return prob, second
+
+
+@functools.cache
+def best_q(bits=None):
+    """The course's best constant q and its relative error per path (golden section, ~0.3 s)."""
+    return gr.best_constant_q(**COURSE, bits=bits)
+
+
+def z_tolerance(q, problem, n, stopped=True, bits=None):
+    """5 exact standard deviations of the mean of n weighted paths."""
+    prob = gr.exact_probability(**problem)
+    m2 = gr.second_moment(q, **problem, stopped=stopped, bits=bits)
+    return 5 * math.sqrt(max(m2 - prob * prob, 0.0) / n)
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("start,target,p,games", [
+    (1, 2, 0.3, 1), (2, 5, 0.45, 9), (3, 6, 0.6, 10), (2, 9, 0.4, 6), (5, 8, 0.5, 11),
+])
+def test_dp_matches_brute_force(start, target, p, games):
+    prob, m2 = brute_force(start, target, p, games, q=0.6)
+    assert gr.exact_probability(start, target, p, games) == pytest.approx(prob, rel=1e-12,
+                                                                          abs=1e-300)
+    assert gr.second_moment(0.6, start, target, p, games) == pytest.approx(m2, rel=1e-12,
+                                                                            abs=1e-300)
+    _, m2_all = brute_force(start, target, p, games, q=0.6, stopped=False)
+    assert gr.second_moment(0.6, start, target, p, games, stopped=False) == pytest.approx(
+        m2_all, rel=1e-12, abs=1e-300)
+    tl = gr.tilt(target, p, games)  # state-dependent q(t, x), rounded to k / 256
+    t, x = np.arange(games)[:, None], np.arange(target + 1)[None, :]
+    table = np.asarray(tl.quantized(t, x, 8), np.float64) / 256
+    _, m2_tilt = brute_force(start, target, p, games, q=np.broadcast_to(table, (games,
+                                                                                  target + 1)))
+    assert gr.second_moment(tl, start, target, p, games, bits=8) == pytest.approx(
+        m2_tilt, rel=1e-12, abs=1e-300)
+
+
+def test_unreachable_target_has_probability_zero():
+    assert gr.exact_probability(2, 9, 0.4, 6) == 0.0  # needs 7 wins in 6 games
+    assert gr.exact_probability(2, 9, 0.4, 7) > 0.0
+    assert gr.exact_probability(2, 10, 0.4, 8) == pytest.approx(0.4**8, rel=1e-12)
+
+
+def test_reference_figures():
+    assert gr.exact_probability(**COURSE) == pytest.approx(2.38838345e-6, rel=1e-8)
+    assert gr.relative_error_per_path(COURSE["p"], **COURSE) == pytest.approx(647.06, abs=0.01)
+    assert gr.relative_error_per_path(0.55, **COURSE) == pytest.approx(3.86, abs=0.005)
+    assert gr.relative_error_per_path(0.55, **COURSE, stopped=False) == pytest.approx(6.75,
+                                                                                       abs=0.005)
+    q, rel = best_q()
+    assert q == pytest.approx(0.588, abs=0.001) and rel == pytest.approx(1.337, abs=0.001)
+    q8, rel8 = best_q(8)
+    assert q8 * 256 == round(q8 * 256) and rel8 <= gr.relative_error_per_path(q8 + 1 / 256,
+                                                                              **COURSE)
+    assert gr.relative_error_per_path(gr.tilt(), **COURSE) == pytest.approx(0.705, abs=0.001)
+    assert gr.relative_error_per_path(gr.tilt(), **COURSE, bits=8) < 0.71
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"start": 0}, "start < target"), ({"start": 200}, "start < target"),
+    ({"start": 1.5}, "start must be an integer"), ({"games": 0}, "games must be"),
+    ({"p": 1.0}, "p must be"), ({"p": float("nan")}, "p must be"),
+])
+def test_validation_names_the_argument(bad, match):
+    with pytest.raises(ValueError, match=match):
+        gr.exact_probability(**{**COURSE, **bad})
+
+
+def test_quantize():
+    assert gr.quantize(0.55, 8) == (141, 141 / 256)
+    with pytest.raises(ValueError, match="rounds to"):
+        gr.quantize(0.999, 8)
+    with pytest.raises(ValueError, match="q must be"):
+        gr.quantize(1.5, 8)
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+@pytest.mark.parametrize("problem,proposal,stopped,bits", [
+    (COURSE, 0.55, True, 8),
+    (COURSE, 0.55, False, 8),  # all 600 games weighted: unbiased, but noisier
+    (COURSE, "best", True, 8),
+    (COURSE, "tilt", True, 8),
+    (SMALL, 0.5, True, 4),
+    (SMALL, "naive", True, 4),  # q = p rounded to 5/16: plain Monte Carlo
+    (WIDE, 0.6, True, 8),
+], ids=["q055", "q055-all-games", "best-q", "tilt", "small", "small-naive", "wide"])
+def test_estimate_is_unbiased(problem, proposal, stopped, bits):
+    if proposal == "best":
+        proposal = best_q(bits)[0]
+    elif proposal == "tilt":
+        proposal = gr.tilt(problem["target"], problem["p"], problem["games"])
+    elif proposal == "naive":
+        proposal = problem["p"]
+    q_exact = proposal if callable(proposal) else gr.quantize(proposal, bits)[1]
+    r = gr.estimate(jax.random.key(1), N, proposal, **problem, stopped=stopped, bits=bits,
+                    chunk_size=CHUNK)
+    chex.assert_tree_all_finite(r)
+    assert r.paths == N and r.ci95_lo <= r.estimate <= r.ci95_hi
+    prob = gr.exact_probability(**problem)
+    tol = z_tolerance(q_exact, problem, N, stopped, bits if callable(proposal) else None)
+    assert abs(r.estimate - prob) < tol, (r, prob, tol)
+    assert 0 < r.ess <= N
+
+
+def test_estimated_error_matches_exact_error():
+    """The state tilt has light-tailed weights: its estimated relative error per path must
+    match the DP's 0.709 closely."""
+    tl = gr.tilt()
+    r = gr.estimate(jax.random.key(2), N, tl, **COURSE, chunk_size=CHUNK)
+    exact = gr.relative_error_per_path(tl, **COURSE, bits=8)
+    assert r.relative_error * math.sqrt(N) == pytest.approx(exact, rel=0.05)
+
+
+def test_unreachable_target_estimates_exactly_zero():
+    problem = {"start": 100, "target": 200, "p": 18 / 37, "games": 98}
+    r = gr.estimate(jax.random.key(3), 5000, 0.9, **problem)
+    assert (r.estimate, r.std_error, r.ci95_lo, r.ci95_hi, r.ess) == (0, 0, 0, 0, 0)
+    assert math.isnan(r.relative_error)
+
+
+def _wrong_weight_mean(q_sampled, q_weights, start, target, p, games):
+    """E under q_sampled of a weight that wrongly uses q_weights (stopped ratio), by DP."""
+    up, down = q_sampled * p / q_weights, (1 - q_sampled) * (1 - p) / (1 - q_weights)
+    v = np.zeros(target + 1)
+    v[target] = 1.0
+    for _ in range(games):
+        v[1:-1] = up * v[2:] + down * v[:-2]
+    return v[start]
+
+
+def test_rounded_q_keeps_the_estimate_unbiased():
+    """q = 0.55 at 4 bits samples 9/16: the weights must use 9/16. Weights that used 0.55 would
+    be off by many standard errors, so this test can fail."""
+    k, qr = gr.quantize(0.55, 4)
+    assert (k, qr) == (9, 0.5625)
+    prob = gr.exact_probability(**SMALL)
+    tol = z_tolerance(qr, SMALL, N)
+    wrong = _wrong_weight_mean(qr, 0.55, **SMALL)
+    assert abs(wrong - prob) > 2 * tol  # 10 standard errors: the alternative is detectable
+    r = gr.estimate(jax.random.key(4), N, 0.55, **SMALL, bits=4, chunk_size=CHUNK)
+    assert abs(r.estimate - prob) < tol
+
+
+def test_chunked_run_equals_single_chunk_run():
+    key = jax.random.key(5)
+    one = gr.estimate(key, 2 * CHUNK, 0.5, **SMALL, bits=4, chunk_size=2 * CHUNK)
+    two = gr.estimate(key, 2 * CHUNK, 0.5, **SMALL, bits=4, chunk_size=CHUNK)
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    other = gr.estimate(jax.random.key(6), 2 * CHUNK, 0.5, **SMALL, bits=4, chunk_size=CHUNK)
+    assert other.estimate != one.estimate  # a different key gives different paths
+
+
+def test_sharded_run_equals_single_chunk_run():
+    """Two XLA CPU devices (the flag must precede jax's start, hence the subprocess)."""
+    args = "jax.random.key(5), 2 * 16384, 0.5, start=3, target=10, p=0.3, games=20, bits=4"
+    script = textwrap.dedent(f"""
+        import json, jax
+        from jaxdnn import gamblers_ruin as gr
+        assert len(jax.devices()) == 2, jax.devices()
+        r = gr.estimate({args}, chunk_size=4096)
+        print(json.dumps(r._asdict()))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded = gr.Estimate(**json.loads(proc.stdout))
+    one = gr.estimate(jax.random.key(5), 2 * 16384, 0.5, **SMALL, bits=4, chunk_size=2 * 16384)
+    np.testing.assert_allclose(sharded, one, rtol=1e-5)
+
+
+def test_estimate_validates_arguments():
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="paths"):
+        gr.estimate(key, 0, 0.55)
+    with pytest.raises(ValueError, match="chunk_size"):
+        gr.estimate(key, 10, 0.55, chunk_size=1000)
+    with pytest.raises(ValueError, match="q must be"):
+        gr.estimate(key, 10, 1.2)
+    with pytest.raises(ValueError, match="constant q"):
+        gr.estimate(key, 10, gr.tilt(), stopped=False)
+
+
+@pytest.mark.parametrize("method", ["ce", "sgd"])
+def test_adapt_q_finds_a_near_optimal_q(method):
+    r = gr.adapt_q(jax.random.key(7), **COURSE, method=method, steps=10, paths=CHUNK)
+    assert r.history.shape == (11,)
+    q_best, rel_best = best_q()
+    assert abs(r.q - q_best) < 0.01
+    assert gr.relative_error_per_path(r.q, **COURSE) < 1.02 * rel_best
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--p", "1.5"], "--p must be in (0, 1)"),
+    (["--p", "abc"], "expected a fraction"),
+    (["--p", "1/0"], "expected a fraction"),
+    (["--q", "0"], "--q must be in (0, 1)"),
+    (["--q", "0.999"], "rounds to 0 or 1"),
+    (["--start", "200"], "need 0 < --start < --target"),
+    (["--start", "1.5"], "expected an integer"),
+    (["--games", "0"], "--games must be >= 1"),
+    (["--paths", "0"], "--paths must be >= 1"),
+    (["--proposal", "best"], "invalid choice"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and match in err, err
+
+
+def test_cli_module_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "experiments.gamblers_ruin", "--games", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_json_keys(capsys):
+    assert cli.main(["--json", "--paths", str(CHUNK)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out) == ["exact", "estimate", "std_error", "ci95", "relative_error",
+                         "relative_error_per_path_exact", "proposal", "q", "paths",
+                         "paths_per_second"]
+    assert out["proposal"] == "constant" and out["q"] == 141 / 256 and out["paths"] == CHUNK
+    assert out["exact"] == pytest.approx(2.38838345e-6, rel=1e-8)
+    assert out["ci95"][0] < out["exact"] < out["ci95"][1]
+    assert out["paths_per_second"] > 0
