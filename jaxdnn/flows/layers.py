@@ -180,7 +180,7 @@ class Scaling(Bijector):
     def __call__(self, x, inverse=False):
         s = self.param("log_scale", nn.initializers.zeros, x.shape[1:])
         sign = -1.0 if inverse else 1.0
-        return x * jnp.exp(sign * s), jnp.full(x.shape[:1], sign * s.sum())
+        return x * jnp.exp(sign * s)[None], jnp.full(x.shape[:1], sign * s.sum())
 
 
 class ActNorm(Bijector):
@@ -195,32 +195,38 @@ class ActNorm(Bijector):
         log_scale = self.param("log_scale", lambda _: -jnp.log(jnp.std(x, axes) + 1e-6))
         pixels = int(np.prod(x.shape[1:-1]))
         log_det = jnp.full(x.shape[:1], pixels * log_scale.sum())
+        bshape = (1,) * (x.ndim - 1) + (-1,)  # explicit broadcast over (B, ..., C)
+        loc, scale = loc.reshape(bshape), jnp.exp(log_scale).reshape(bshape)
         if inverse:
-            return x * jnp.exp(-log_scale) - loc, -log_det
-        return (x + loc) * jnp.exp(log_scale), log_det
+            return x / scale - loc, -log_det
+        return (x + loc) * scale, log_det
 
 
 # ----------------------------------------------------------------------------- 1x1 convolutions
 
 
-def lu_matrix(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.Array) -> jax.Array:
-    """A = P L (U + diag(s)), s = exp(log_s): L unit lower, U strictly upper (..., C, C)."""
+def _lu_factors(perm, lower, upper, log_s):
+    """(P, L, U + diag(s)) broadcast to the batch shape of `lower` (..., C, C)."""
     c = log_s.shape[-1]
-    eye = jnp.eye(c)
+    eye = jnp.broadcast_to(jnp.eye(c), lower.shape)
+    p_mat = jnp.broadcast_to(jnp.eye(c)[perm], lower.shape)
     l_mat = jnp.tril(lower, -1) + eye
     u_mat = jnp.triu(upper, 1) + eye * jnp.exp(log_s)[..., None, :]
-    return jnp.eye(c)[perm] @ l_mat @ u_mat
+    return p_mat, l_mat, u_mat
+
+
+def lu_matrix(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.Array) -> jax.Array:
+    """A = P L (U + diag(s)), s = exp(log_s): L unit lower, U strictly upper (..., C, C)."""
+    p_mat, l_mat, u_mat = _lu_factors(perm, lower, upper, log_s)
+    return p_mat @ l_mat @ u_mat
 
 
 def lu_inverse(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.Array) -> jax.Array:
     """A^{-1} = (U + diag s)^{-1} L^{-1} P^T by two triangular solves (..., C, C)."""
-    c = log_s.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(c), lower.shape)
-    l_mat = jnp.tril(lower, -1) + eye
-    u_mat = jnp.triu(upper, 1) + eye * jnp.exp(log_s)[..., None, :]
+    p_mat, l_mat, u_mat = _lu_factors(perm, lower, upper, log_s)
+    eye = jnp.broadcast_to(jnp.eye(log_s.shape[-1]), lower.shape)
     l_inv = jax.scipy.linalg.solve_triangular(l_mat, eye, lower=True, unit_diagonal=True)
-    lu_inv = jax.scipy.linalg.solve_triangular(u_mat, l_inv, lower=False)
-    return lu_inv @ jnp.eye(c)[perm].T
+    return jax.scipy.linalg.solve_triangular(u_mat, l_inv, lower=False) @ jnp.swapaxes(p_mat, -1, -2)
 
 
 def reverse_permutation(c: int) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""Pretrained flows shipped inside the package: `load(name) -> (model, params)`, no network.
+
+Each model has `<name>.msgpack` (Flax-serialized parameters) and `<name>.json` (its card:
+config, the exact training command, steps, wall time, hardware, test-set bits/dim).
+Weights are produced by `python -m experiments.train_flow` and exported with `export`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import serialization
+
+from jaxdnn.flows import build_model
+
+_HERE = resources.files(__name__)
+
+
+def available() -> list[str]:
+    """Names of the shipped models."""
+    return sorted(p.name[: -len(".json")] for p in _HERE.iterdir() if p.name.endswith(".json"))
+
+
+def card(name: str) -> dict:
+    """The JSON card of a shipped model."""
+    path = _HERE / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"no pretrained model {name!r}; shipped: {available()}")
+    return json.loads(path.read_text())
+
+
+def load(name: str):
+    """(model, params) of the shipped model `name` ("nice" | "realnvp" | "glow")."""
+    info = card(name)
+    model = build_model(info["model"], **info["model_config"])
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    blob = (_HERE / f"{name}.msgpack").read_bytes()
+    params = serialization.from_bytes(template, blob)
+    return model, jax.tree.map(jnp.asarray, params)
+
+
+def export(params, info: dict, name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Writes `<name>.msgpack` and `<name>.json` (temp names, then renamed) into `directory`
+    (default: this package's folder)."""
+    directory = Path(directory) if directory is not None else Path(str(_HERE))
+    blob = serialization.to_bytes(jax.device_get(params))
+    for suffix, data in ((".msgpack", blob), (".json", json.dumps(info, indent=2).encode())):
+        tmp = directory / f".{name}{suffix}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / f"{name}{suffix}")
+    return directory / f"{name}.msgpack"
