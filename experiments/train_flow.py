@@ -63,6 +63,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--workdir", default=None, help="default runs/<model>")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop (with a checkpoint) after N steps of this invocation, as if killed")
+    parser.add_argument("--export", action="store_true",
+                        help="do not train: evaluate the workdir's checkpoint on the full test set and ship it "
+                             "as jaxdnn/pretrained/<model>.msgpack with its card")
     args, rest = parser.parse_known_args(argv)
     model_cfg, cfg = split_config(args.model, parse_overrides(rest, prog), prog)
     workdir = Path(args.workdir or f"runs/{args.model}")
@@ -102,6 +107,8 @@ def main(argv=None) -> int:
         print(f"resumed {workdir} at step {start}", file=sys.stderr)
     else:
         log_path.write_text("")
+    if args.export:
+        return export(args.model, workdir, state, model, test_images, k_eval, mesh, config, wall, rest)
     state = train.replicate(state, mesh)
     step_fn = train.make_train_step(model, optimizer)
     eval_fn = train.make_eval_fn(model)
@@ -125,7 +132,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=cfg["steps"], initial=start, disable=args.quiet, dynamic_ncols=True,
                desc=args.model)
     for step, batch in batches(k_data, train_images, cfg["batch_size"], start_step=start):
-        if step >= cfg["steps"] or stop["now"]:
+        if step >= cfg["steps"] or stop["now"] or (args.stop_after is not None and step - start >= args.stop_after):
             break
         state, metrics = step_fn(state, train.shard_batch(batch, mesh), k_step)
         done = step + 1
@@ -168,6 +175,37 @@ def main(argv=None) -> int:
     (workdir / "final.json").write_text(json.dumps(final, indent=2))
     plot_curve(log_path, workdir / "loss_curve.png", f"{args.model} on MNIST")
     print(json.dumps(final))
+    return 0
+
+
+def export(name, workdir, state, model, test_images, key, mesh, config, wall, overrides) -> int:
+    import platform
+
+    from jaxdnn import pretrained
+
+    if int(state.step) == 0:
+        fail("python -m experiments.train_flow", f"no checkpoint in {workdir} to export")
+    t0 = time.time()
+    bpds = train.evaluate_bpd(train.make_eval_fn(model), state.params, test_images, key, mesh=mesh)
+    mean, stderr = train.mean_and_stderr(bpds)
+    card = {
+        **config,
+        "training_command": " ".join(["python -m experiments.train_flow", f"--model {name}", *overrides]),
+        "steps": int(state.step),
+        "planned_steps": config["train_config"]["steps"],
+        "wall_seconds": round(wall, 1),
+        "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
+                    f" {__import__('os').cpu_count()} cores)",
+        "test_bpd": round(mean, 5),
+        "test_bpd_stderr": round(stderr, 5),
+        "test_images": len(test_images),
+        "test_bpd_first256": round(float(bpds[:256].mean()), 5),
+        "evaluation": "uniform dequantization with a fixed key, python -m experiments.evaluate_flow --model " + name,
+        "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+    }
+    path = pretrained.export(state.params, card, name)
+    print(json.dumps({"exported": str(path), "test_bpd": card["test_bpd"], "steps": card["steps"],
+                      "eval_seconds": round(time.time() - t0, 1)}))
     return 0
 
 
