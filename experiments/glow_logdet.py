@@ -12,16 +12,18 @@ from experiments.common import ArgumentParser, print_json
 from jaxdnn.flows.checks import all_checks
 
 
-def run() -> dict:
-    checks = all_checks()
+def run(models: bool = True) -> dict:
+    checks = all_checks(models=models)
     return {"checks": checks, "max_abs_error": max(c["abs_error"] for c in checks)}
 
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.glow_logdet", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default=None, help="accepted for uniformity with the other scripts (no figures)")
+    parser.add_argument("--layers-only", action="store_true", help="skip the whole-model checks (faster)")
     args = parser.parse_args(argv)
-    result = run()
+    result = run(models=not args.layers_only)
     if args.json:
         print_json(result)
         return 0

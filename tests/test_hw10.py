@@ -1,0 +1,26 @@
+"""The main job end to end in --fast mode: every part runs, report and summary are written."""
+
+import json
+import subprocess
+import sys
+
+
+def test_hw10_fast_writes_report_summary_and_figures(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "experiments.hw10", "--fast", "--out", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert not [k for k, v in summary["parts"].items() if "error" in v]
+    parts = summary["parts"]
+    assert abs(parts["p5_optimal_q"]["exact"] - 2.38838345e-6) < 1e-12
+    assert parts["p4_logdet"]["max_abs_error"] < 1e-4
+    assert parts["p2_projected_gradient"]["abs_error"] < 1e-4
+    report = (out / "report.md").read_text()
+    for heading in ("## P1", "## P2", "## P3", "## P4", "## P5", "## P6"):
+        assert heading in report
+    figures = list(out.rglob("*.png"))
+    assert len(figures) >= 6
+    for name in [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (out / name).is_file(), name
+    assert not (tmp_path / ".results.partial").exists()
