@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         log_path.write_text("")
     if args.export:
         return export(args.model, workdir, state, model, test_images, k_eval, mesh, config, wall, rest)
+    record_stage(workdir / "history.jsonl", argv, int(state.step), cfg["steps"])
     state = train.replicate(state, mesh)
     step_fn = train.make_train_step(model, optimizer)
     eval_fn = train.make_eval_fn(model)
@@ -178,6 +179,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def command_line(argv) -> str:
+    return " ".join(["python -m experiments.train_flow", *(sys.argv[1:] if argv is None else argv)])
+
+
+def record_stage(path: Path, argv, start: int, steps: int) -> None:
+    """Appends this invocation to the workdir's history (a run extended with a larger
+    --config.steps restarts its cosine schedule from the resumed step)."""
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    rows = [r for r in rows if r["from_step"] <= start]
+    if not rows or rows[-1]["steps"] != steps:  # otherwise a plain resume of the last stage
+        rows.append({"command": command_line(argv), "from_step": start, "steps": steps})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def export(name, workdir, state, model, test_images, key, mesh, config, wall, overrides) -> int:
     import platform
 
@@ -185,12 +200,15 @@ def export(name, workdir, state, model, test_images, key, mesh, config, wall, ov
 
     if int(state.step) == 0:
         fail("python -m experiments.train_flow", f"no checkpoint in {workdir} to export")
+    hist_path = workdir / "history.jsonl"
+    history = [json.loads(ln) for ln in hist_path.read_text().splitlines() if ln] if hist_path.exists() else []
     t0 = time.time()
     bpds = train.evaluate_bpd(train.make_eval_fn(model), state.params, test_images, key, mesh=mesh)
     mean, stderr = train.mean_and_stderr(bpds)
     card = {
         **config,
-        "training_command": " ".join(["python -m experiments.train_flow", f"--model {name}", *overrides]),
+        "training_command": history[-1]["command"] if history else command_line([f"--model={name}", *overrides]),
+        "training_history": history,
         "steps": int(state.step),
         "planned_steps": config["train_config"]["steps"],
         "wall_seconds": round(wall, 1),

@@ -13,12 +13,12 @@ import pytest
 from jaxdnn import pretrained, train
 from jaxdnn.flows import build_model
 
-TINY = ["--config.hidden=4", "--config.steps=6", "--config.batch_size=8", "--config.log_every=1",
+TINY = ["--config.hidden=4", "--config.steps_per_level=2", "--config.batch_size=8", "--config.log_every=1",
         "--config.warmup=2", "--config.eval_every=1000", "--config.lr=0.003"]
 
 
 def test_train_steps_on_synthetic_data_decrease_the_loss():
-    model = build_model("glow", hidden=8, steps=1)
+    model = build_model("glow", hidden=8, steps_per_level=1)
     rng = np.random.default_rng(0)
     images = (rng.random((16, 28, 28)) < 0.2).astype(np.uint8) * 255  # sparse binary "digits"
     opt = train.make_optimizer(1e-2, 30, 2, 100.0)
@@ -33,7 +33,7 @@ def test_train_steps_on_synthetic_data_decrease_the_loss():
 
 
 def test_non_finite_update_is_skipped_and_counted():
-    model = build_model("glow", hidden=4, steps=1)
+    model = build_model("glow", hidden=4, steps_per_level=1)
     images = np.zeros((4, 28, 28), np.uint8)
     opt = train.make_optimizer(1e-3, 10, 1, 100.0)
     state = train.init_state(model, jax.random.key(0), images, opt)

@@ -24,7 +24,7 @@ MODELS = {"nice": NICE, "realnvp": RealNVP, "glow": Glow}
 CONFIGS = {
     "nice": dict(couplings=4, hidden=1000, depth=5, preprocessing="none"),
     "realnvp": dict(levels_count=2, pairs=1, final_pairs=2, hidden=48, blocks=1),
-    "glow": dict(levels_count=2, steps=8, hidden=96),
+    "glow": dict(levels_count=2, steps_per_level=8, hidden=96),
 }
 
 

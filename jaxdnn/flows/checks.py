@@ -42,7 +42,7 @@ def model_cases() -> dict[str, M.MultiScaleFlow]:
     return {
         "nice": M.NICE(hidden=16, depth=1, couplings=4),
         "realnvp": M.RealNVP(hidden=8, pairs=1, final_pairs=1, blocks=1),
-        "glow": M.Glow(hidden=8, steps=2),
+        "glow": M.Glow(hidden=8, steps_per_level=2),
     }
 
 

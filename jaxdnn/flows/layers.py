@@ -25,6 +25,9 @@ def take_last(x: jax.Array, idx: Sequence[int]) -> jax.Array:
     """x[..., idx] as a concatenation of static slices over runs of consecutive indices
     (XLA:CPU gathers and their scatter-add gradients are far slower than slices)."""
     idx = [int(i) for i in idx]
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if step > 0 and idx == list(range(idx[0], idx[-1] + 1, step)):  # one (strided) slice
+        return x[..., idx[0]: idx[-1] + 1: step]
     runs, start = [], 0
     for j in range(1, len(idx) + 1):
         if j == len(idx) or idx[j] != idx[j - 1] + 1:
@@ -144,6 +147,10 @@ class Coupling(Bijector):
         else:
             y_b = x_b * jnp.exp(log_s) + t
             log_det = _batch_sum(log_s)
+        if size % 2 == 0 and keep[0] in (0, 1) and list(keep) == list(range(keep[0], size, 2)):
+            # Interleaved halves (NICE's even/odd): re-interleave by stacking, not by a gather.
+            pair = (x_a, y_b) if keep[0] == 0 else (y_b, x_a)
+            return jnp.stack(pair, -1).reshape(x.shape), log_det
         return take_last(jnp.concatenate([x_a, y_b], -1), order), log_det
 
 

@@ -158,12 +158,12 @@ class RealNVP(MultiScaleFlow):
 
 
 class Glow(MultiScaleFlow):
-    """Glow (Kingma & Dhariwal 2018): `levels_count` levels of squeeze then `steps` steps of
+    """Glow (Kingma & Dhariwal 2018): `levels_count` levels of squeeze then `steps_per_level` steps of
     ActNorm -> invertible 1x1 conv (LU) -> affine coupling; after every level but the last,
     a learned conditional prior (zero-initialized conv) standardizes the factored-out half."""
 
     levels_count: int = 2
-    steps: int = 8
+    steps_per_level: int = 8
     hidden: int = 128
 
     def build(self):
@@ -175,7 +175,7 @@ class Glow(MultiScaleFlow):
             coupling = partial(Coupling, mask=mask, affine=True, conditioner="glow",
                                hidden=self.hidden)
             step = partial(Chain, layers=(ActNorm, InvConv1x1, coupling))
-            layers = [Squeeze, partial(Repeat, make=step, num=self.steps)]
+            layers = [Squeeze, partial(Repeat, make=step, num=self.steps_per_level)]
             if i < self.levels_count - 1:
                 layers.append(partial(Coupling, mask=mask, affine=True, conditioner="conv"))
                 keep.append(c // 2)
