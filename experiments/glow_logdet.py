@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 
 from experiments.common import ArgumentParser, print_json
-from jaxdnn.flows.checks import all_checks
+from jaxdnn.flows.checks import GLOW_STEP, all_checks
 
 
-def run(models: bool = True) -> dict:
-    checks = all_checks(models=models)
+def run(models: bool = True, layers=None) -> dict:
+    checks = all_checks(models=models, layers=layers)
     return {"checks": checks, "max_abs_error": max(c["abs_error"] for c in checks)}
 
 
@@ -22,8 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default=None, help="accepted for uniformity with the other scripts (no figures)")
     parser.add_argument("--layers-only", action="store_true", help="skip the whole-model checks (faster)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only a Glow step's layers (ActNorm, LU 1x1 conv, affine coupling) and (b)-(d)")
     args = parser.parse_args(argv)
-    result = run(models=not args.layers_only)
+    result = run(models=not (args.layers_only or args.quick), layers=GLOW_STEP if args.quick else None)
     if args.json:
         print_json(result)
         return 0

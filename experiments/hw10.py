@@ -30,7 +30,7 @@ def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
     runs = [
         ("p1_vae_reparameterization", "vae", ["--estimator", "reparameterization", *vae_epochs]),
         ("p1_vae_log_derivative", "vae", ["--estimator", "log_derivative", *vae_epochs]),
-        ("p4_logdet", "glow_logdet", ["--layers-only"] if fast else []),
+        ("p4_logdet", "glow_logdet", ["--quick"] if fast else []),
         ("p5_constant_q055", "gamblers_ruin", ["--proposal", "constant", "--q", "0.55", "--sweep"]),
         ("p5_optimal_q", "gamblers_ruin", ["--proposal", "optimal"]),
         ("p5_state_tilt", "gamblers_ruin", ["--proposal", "state"]),

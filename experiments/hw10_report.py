@@ -49,7 +49,8 @@ def write_report(summary: dict, out: Path) -> Path:
           "Question: minimize -log p(X) subject to M*X = M*X_true, 0 <= X <= 1 (lr 1e-3, 300 steps: `pgd`); "
           "`annealed` adds a step-size schedule and decaying noise (projected Langevin). Metrics over the "
           "missing pixels only; baselines computed in the same run.", "",
-          "| model | mask | method | images | PSNR (dB) | MSE | bpd of result | mean-fill PSNR | nearest-neighbour PSNR |",
+          "| model | mask | method | images | PSNR (dB) | MSE | bpd of result | mean-fill PSNR"
+          " | nearest-neighbour PSNR |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in p.items():
         if not k.startswith("p3_"):

@@ -219,7 +219,7 @@ def test_sharded_run_equals_single_chunk_run():
         r = gr.estimate({args}, chunk_size=4096)
         print(json.dumps(r._asdict()))
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -13,12 +13,12 @@ import pytest
 from jaxdnn import pretrained, train
 from jaxdnn.flows import build_model
 
-TINY = ["--config.hidden=4", "--config.steps_per_level=2", "--config.batch_size=8", "--config.log_every=1",
+TINY = ["--config.hidden=8", "--config.depth=1", "--config.batch_size=8", "--config.log_every=1",
         "--config.warmup=2", "--config.eval_every=1000", "--config.lr=0.003"]
 
 
 def test_train_steps_on_synthetic_data_decrease_the_loss():
-    model = build_model("glow", hidden=8, steps_per_level=1)
+    model = build_model("glow", levels_count=1, hidden=8, steps_per_level=1)
     rng = np.random.default_rng(0)
     images = (rng.random((16, 28, 28)) < 0.2).astype(np.uint8) * 255  # sparse binary "digits"
     opt = train.make_optimizer(1e-2, 30, 2, 100.0)
@@ -33,7 +33,7 @@ def test_train_steps_on_synthetic_data_decrease_the_loss():
 
 
 def test_non_finite_update_is_skipped_and_counted():
-    model = build_model("glow", hidden=4, steps_per_level=1)
+    model = build_model("nice", hidden=8, depth=1)
     images = np.zeros((4, 28, 28), np.uint8)
     opt = train.make_optimizer(1e-3, 10, 1, 100.0)
     state = train.init_state(model, jax.random.key(0), images, opt)
@@ -45,7 +45,7 @@ def test_non_finite_update_is_skipped_and_counted():
 
 
 def _run(workdir, *extra, env=None):
-    cmd = [sys.executable, "-m", "experiments.train_flow", "--model", "glow", "--workdir", str(workdir), "--quiet",
+    cmd = [sys.executable, "-m", "experiments.train_flow", "--model", "nice", "--workdir", str(workdir), "--quiet",
            *TINY, "--config.steps=6", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -70,7 +70,8 @@ def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_pa
     jax.tree.map(np.testing.assert_array_equal, ckpt_whole, ckpt_resumed)  # bit-identical state
     assert final_whole["test_bpd"] == final_resumed["test_bpd"]
 
-    two = _run(tmp_path / "two", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    two_devices = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    two = _run(tmp_path / "two", env={"XLA_FLAGS": two_devices})
     final_two, _ = _params(tmp_path / "two")
     assert final_two["devices"].startswith("2 x")
     np.testing.assert_allclose([r["train_bpd"] for r in two], [r["train_bpd"] for r in whole], rtol=1e-4)

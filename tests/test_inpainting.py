@@ -1,0 +1,321 @@
+"""Likelihood inpainting (P3): constraints hold exactly (observed pixels bit-for-bit, values in
+[0, 1]) for both methods on a tiny untrained flow, both methods reach the known constrained
+minimizer of a separable Gaussian, vmapped batches equal per-image calls, masks, metrics,
+baselines against brute force, and the command line's errors.
+
+Compilation dominates the cost, so the flow runs once per method (module fixture) and the
+command-line end-to-end test reuses that compilation (same model, shape and step count).
+"""
+
+import json
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import inpaint as cli
+from jaxdnn import inpainting as ip
+from jaxdnn.data import to_unit_interval
+from jaxdnn.flows import build_model
+
+TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
+FLOW_STEPS = 20
+N_FLOW = 3
+MISSING = {"hw10": 105, "top_half": 392, "bottom_half": 392, "left_half": 392, "center": 196,
+           "random50": 392}
+
+
+def synthetic_pixels(seed: int, n: int) -> np.ndarray:
+    """uint8 (n, 28, 28) with some pixels at 0 and 255 (to_unit_interval keeps them inside)."""
+    rng = np.random.default_rng(seed)
+    pix = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    pix[:, :4] = 0
+    pix[:, -3:] = 255
+    return pix
+
+
+def flow_images() -> jax.Array:
+    """Values in [0, 1] including exact 0.0 and 1.0 (the logit flow's worst case)."""
+    x = np.asarray(to_unit_interval(synthetic_pixels(0, N_FLOW))).copy()
+    x[:, 0, :5] = 0.0
+    x[:, 27, :5] = 1.0
+    return jnp.asarray(x)
+
+
+def tiny_flow():
+    name, cfg = TINY_FLOW
+    model = build_model(name, **cfg)
+    params = jax.jit(model.init)(jax.random.key(0), flow_images())  # ActNorm sees real data
+    # zero-initialized conditioners make an untrained flow the identity: perturb them so the
+    # density couples pixels
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [p + 0.2 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys,
+                                                                                strict=True)]
+    return model, jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def flow_runs():
+    model, params = tiny_flow()
+    lp = ip.flow_log_prob(model, params)
+    x = flow_images()
+    mask = ip.make_mask("hw10")
+    keys = jax.random.split(jax.random.key(2), N_FLOW)
+    runs = {m: ip.inpaint(lp, x, mask, keys, method=m, steps=FLOW_STEPS, return_losses=True)
+            for m in ip.METHODS}
+    return {"lp": lp, "x": x, "mask": mask, "keys": keys, "runs": runs, "flow": (model, params)}
+
+
+# ----------------------------------------------------------------------------- a Gaussian
+
+
+MU = jnp.asarray(np.random.default_rng(3).uniform(-0.4, 1.4, (28, 28, 1)), jnp.float32)
+SCALE = 0.1
+
+
+def gaussian_log_prob(x):
+    """Independent N(MU, 0.1^2) pixels: the constrained minimizer is clip(MU, 0, 1)."""
+    return -0.5 * (((x - MU[None]) / SCALE) ** 2).reshape(x.shape[0], -1).sum(-1)
+
+
+def gaussian_images(n: int) -> jax.Array:
+    return to_unit_interval(synthetic_pixels(5, n))
+
+
+def test_pgd_reaches_the_constrained_minimizer():
+    x = gaussian_images(2)
+    mask = ip.make_mask("center")
+    out = ip.inpaint(gaussian_log_prob, x, mask, None, method="pgd")  # lr 1e-3, 300 steps
+    want = jnp.where(mask, x, jnp.clip(MU, 0.0, 1.0)[None])
+    np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_annealed_reaches_the_constrained_minimizer(key):
+    x = gaussian_images(2)
+    mask = ip.make_mask("top_half")
+    res = ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed", return_losses=True)
+    want = jnp.where(mask, x, jnp.clip(MU, 0.0, 1.0)[None])
+    np.testing.assert_allclose(res.images, want, atol=2e-2)
+    chex.assert_shape(res.losses, (2, 300))
+    again = ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed")
+    np.testing.assert_array_equal(res.images, again)  # deterministic given the key
+    other = ip.inpaint(gaussian_log_prob, x, mask, jax.random.key(7), method="annealed",
+                       noise_until=1.0)  # noisy to the end: the result depends on the key
+    first = ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed", noise_until=1.0)
+    assert not np.array_equal(other, first)
+
+
+@pytest.mark.parametrize("method", ip.METHODS)
+def test_vmapped_batch_equals_per_image_calls(method, key):
+    x = gaussian_images(3)
+    masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "left_half", "bottom_half")])
+    keys = jax.random.split(key, 3)
+    batch = ip.inpaint(gaussian_log_prob, x, masks, keys, method=method, steps=40)
+    chex.assert_shape(batch, (3, 28, 28, 1))
+    for i in range(3):
+        one = ip.inpaint(gaussian_log_prob, x[i], masks[i], keys[i], method=method, steps=40)
+        chex.assert_shape(one, (28, 28, 1))
+        np.testing.assert_allclose(one, batch[i], rtol=0, atol=1e-6)
+    # one key for the batch means jax.random.split(key, B)
+    np.testing.assert_array_equal(
+        ip.inpaint(gaussian_log_prob, x, masks, key, method=method, steps=40), batch)
+
+
+def test_constraints_hold_even_with_nonfinite_gradients(key):
+    """sqrt and a NaN region: gradients are inf / NaN, the iterates still obey the box."""
+
+    def nasty(x):
+        v = jnp.sqrt(x) + jnp.where(x > 0.9, jnp.nan, 0.0)
+        return v.reshape(x.shape[0], -1).sum(-1)
+
+    x = gaussian_images(2)
+    mask = ip.make_mask("random50", key)
+    for method in ip.METHODS:
+        for init in (0.0, 1.0):
+            out = np.asarray(ip.inpaint(nasty, x, mask, key, method=method, steps=5, init=init))
+            obs = np.broadcast_to(np.asarray(mask), out.shape)
+            np.testing.assert_array_equal(out[obs], np.asarray(x)[obs])
+            assert np.all((out >= 0) & (out <= 1))
+
+
+# ----------------------------------------------------------------------------- the flow
+
+
+@pytest.mark.parametrize("method", ip.METHODS)
+def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
+    res, x, mask = flow_runs["runs"][method], flow_runs["x"], flow_runs["mask"]
+    out = np.asarray(res.images)
+    chex.assert_shape(out, (N_FLOW, 28, 28, 1))
+    chex.assert_shape(res.losses, (N_FLOW, FLOW_STEPS))
+    chex.assert_tree_all_finite((res.images, res.losses))
+    obs = np.broadcast_to(np.asarray(mask), out.shape)
+    np.testing.assert_array_equal(out[obs], np.asarray(x)[obs])  # bit for bit
+    assert out.dtype == np.float32
+    assert np.all((out >= 0.0) & (out <= 1.0))
+    init = ip.PGD_DEFAULTS["init"] if method == "pgd" else ip.ANNEALED_DEFAULTS["init"]
+    assert np.any(out[~obs] != init)  # the missing pixels moved
+    # the losses are -log p of the iterates: the first one is the starting image's
+    start = jnp.where(mask, x, init)
+    np.testing.assert_allclose(res.losses[:, 0], -jax.jit(flow_runs["lp"])(start), rtol=1e-4)
+
+
+def test_flow_batch_is_per_image(flow_runs):
+    """Reordering the batch (and its keys) reorders the results: images do not interact."""
+    perm = np.array([2, 0, 1])
+    lp, x, mask, keys = flow_runs["lp"], flow_runs["x"], flow_runs["mask"], flow_runs["keys"]
+    for method in ip.METHODS:
+        out = ip.inpaint(lp, x[perm], mask, keys[perm], method=method, steps=FLOW_STEPS)
+        np.testing.assert_allclose(out, flow_runs["runs"][method].images[perm], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("name", ip.MASKS)
+def test_masks_shapes_and_counts(name, key):
+    m = np.asarray(ip.make_mask(name, key))
+    assert m.shape == (28, 28, 1) and m.dtype == bool
+    assert (~m).sum() == MISSING[name]
+    region = {"hw10": np.s_[5:12, 5:20], "top_half": np.s_[:14], "bottom_half": np.s_[14:],
+              "left_half": np.s_[:, :14], "center": np.s_[7:21, 7:21]}
+    if name in region:
+        want = np.ones((28, 28, 1), bool)
+        want[region[name]] = False
+        np.testing.assert_array_equal(m, want)
+
+
+def test_random50_is_keyed_and_batch_masks_follow_indices(key):
+    a = ip.make_mask("random50", key)
+    np.testing.assert_array_equal(a, ip.make_mask("random50", key))
+    assert not np.array_equal(a, ip.make_mask("random50", jax.random.key(9)))
+    batch = ip.batch_masks("random50", [3, 7], key)
+    chex.assert_shape(batch, (2, 28, 28, 1))
+    np.testing.assert_array_equal(batch[1], ip.make_mask("random50", jax.random.fold_in(key, 7)))
+    np.testing.assert_array_equal(ip.batch_masks("hw10", [0, 1, 2])[2], ip.make_mask("hw10"))
+    with pytest.raises(ValueError, match="needs a key"):
+        ip.make_mask("random50")
+    with pytest.raises(ValueError, match="unknown mask"):
+        ip.make_mask("diagonal")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mask": np.ones((28, 28), bool)}, "shape"),
+    ({"mask": np.ones((2, 28, 28, 1), bool)}, "shape"),
+    ({"mask": np.full((28, 28, 1), 0.5)}, "0 or 1"),
+    ({"mask": np.full((28, 28, 1), "a")}, "dtype"),
+    ({"image": np.full((28, 28, 1), 1.5, np.float32)}, r"\[0, 1\]"),
+    ({"image": np.full((28, 28, 1), np.nan, np.float32)}, r"\[0, 1\]"),
+    ({"image": np.zeros((28, 28, 1), np.uint8)}, "to_unit_interval"),
+    ({"image": np.zeros((0, 28, 28, 1), np.float32)}, "empty"),
+    ({"method": "sgd"}, "unknown method"),
+    ({"method": "annealed", "key": None}, "needs a key"),
+    ({"steps": -1}, "steps"),
+    ({"init": 2.0}, "init"),
+    ({"method": "pgd", "noise": 0.1}, "unknown options"),
+])
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    args = {"image": np.full((28, 28, 1), 0.5, np.float32), "mask": ip.make_mask("hw10"),
+            "key": jax.random.key(0), "method": "pgd", "steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ip.inpaint(gaussian_log_prob, args.pop("image"), args.pop("mask"), args.pop("key"),
+                   **args)
+
+
+# ----------------------------------------------------------------------------- metrics, baselines
+
+
+def test_masked_metrics_by_hand():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((4, 28, 28, 1), np.float32), rng.random((4, 28, 28, 1), np.float32)
+    m = np.asarray(ip.batch_masks("random50", range(4), jax.random.key(1)))
+    want = np.array([((x[i] - y[i])[~m[i]] ** 2).mean() for i in range(4)])
+    np.testing.assert_allclose(ip.masked_mse(x, y, m), want, rtol=1e-5)
+    np.testing.assert_allclose(ip.masked_psnr(x, y, m), -10 * np.log10(want), rtol=1e-5)
+    # observed pixels do not count; a perfect fill reads 100 dB
+    z = np.where(m, 0.0, y).astype(np.float32)
+    np.testing.assert_allclose(ip.masked_psnr(z, y, m), 100.0)
+
+
+def test_mean_fill_and_nearest_neighbor_against_brute_force():
+    rng = np.random.default_rng(1)
+    train = rng.random((37, 6, 6, 1), np.float32)
+    queries = train[[4, 30, 11, 0, 21, 8, 35, 2, 17, 25]] + 0.05 * rng.random(
+        (10, 6, 6, 1), np.float32)
+    queries = np.clip(queries, 0, 1).astype(np.float32)
+    masks = rng.random((10, 6, 6, 1)) < 0.5
+    filled = np.asarray(ip.mean_fill(queries, masks, ip.pixel_mean(train)))
+    np.testing.assert_allclose(filled, np.where(masks, queries, train.mean(0)[None]), rtol=1e-6)
+    d = (((queries[:, None] - train[None]) ** 2) * masks[:, None]).sum((2, 3, 4))
+    want_idx = d.argmin(1)
+    for chunk, qb in ((8, 4), (64, 512)):  # padded training chunks and a padded query tail
+        got, idx = ip.nearest_neighbor(queries, masks, train, chunk_size=chunk, query_batch=qb)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(got, np.where(masks, queries, train[want_idx]))
+    with pytest.raises(ValueError, match="train_images"):
+        ip.nearest_neighbor(queries, masks, train[..., 0])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--mask", "diagonal"], "--mask"),
+    (["--model", "vae"], "--model"),
+    (["--images", "5:5"], "empty range"),
+    (["--images", "3"], "START:STOP"),
+    (["--images", "0:10001"], "out of range"),
+    (["--images", "a:b"], "integers"),
+    (["--method", "sgd"], "--method"),
+    (["--steps", "-1"], "--steps"),
+    (["--lr", "0"], "--lr"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_missing_pretrained_weights_exit_2(monkeypatch, capsys):
+    def no_weights(name):
+        raise ValueError(f"no pretrained model {name!r}; shipped: []")
+
+    monkeypatch.setattr(cli.pretrained, "load", no_weights)
+    assert cli.main(["--model", "glow", "--images", "0:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model glow" in err and "pretrained" in err
+
+
+def test_cli_module_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "experiments.inpaint", "--images", "9:2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
+    """The whole script on the tiny flow and synthetic data (reuses the fixture's compile)."""
+    monkeypatch.setattr(cli.pretrained, "load", lambda name: flow_runs["flow"])
+
+    def fake_mnist(split):
+        pix = synthetic_pixels(11 if split == "train" else 12, 40 if split == "train" else 10)
+        return pix, np.zeros(len(pix), np.uint8)
+
+    monkeypatch.setattr(cli, "load_mnist", fake_mnist)
+    argv = ["--model", "glow", "--images", f"2:{2 + N_FLOW}", "--method", "pgd", "--steps",
+            str(FLOW_STEPS), "--out", str(tmp_path), "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert tuple(out) == cli.JSON_KEYS
+    assert out["images"] == f"2:{2 + N_FLOW}" and out["mask"] == "hw10"
+    assert set(out["baselines"]) == {"mean_fill", "nearest_neighbor"}
+    for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
+        assert np.isfinite(v)
+    assert (tmp_path / "inpaint_glow_hw10_pgd.png").stat().st_size > 0
