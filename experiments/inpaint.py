@@ -213,7 +213,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="pgd", choices=ip.METHODS, help="default pgd (the course)")
     p.add_argument("--steps", type=int, default=300, help="iterations (default 300)")
     p.add_argument("--lr", type=float, default=None,
-                   help="step size (default: 1e-3 for pgd, 0.05 for annealed)")
+                   help="step size (default: 1e-3 for pgd, 0.02 for annealed)")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--batch-size", type=int, default=100,
                    help="images per vmapped call (default 100)")

@@ -56,8 +56,10 @@ METHODS = ("pgd", "annealed")
 PGD_DEFAULTS = {"lr": 1e-3, "init": 1.0, "margin": 0.0}
 # annealed: peak step (pixel units), final step fraction, initial noise std, fraction of the
 # steps that carry noise, Adam's moment decays, initial value of missing pixels.
-ANNEALED_DEFAULTS = {"lr": 0.05, "lr_final": 0.02, "noise": 0.1, "noise_until": 0.7,
-                     "b1": 0.5, "b2": 0.9, "init": 0.5, "margin": 0.0, "average": 0.0}
+# Missing pixels start black (MNIST's background) and stay inside the support of dequantized
+# data, [0.5/256, 1 - 0.5/256]: at exactly 0 or 1 a logit-preprocessed flow is off its support.
+ANNEALED_DEFAULTS = {"lr": 0.02, "lr_final": 0.02, "noise": 0.02, "noise_until": 0.7,
+                     "b1": 0.5, "b2": 0.9, "init": 0.0, "margin": 0.5 / 256, "average": 0.0}
 PSNR_MSE_FLOOR = 1e-10  # a perfect fill reports 100 dB instead of infinity
 GRAD_LIMIT = 1e15  # annealed: per-pixel gradient clip (Adam divides it out; keeps g^2 finite)
 
