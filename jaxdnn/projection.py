@@ -33,13 +33,15 @@ class PGDResult(NamedTuple):
 
     x: the last iterate x_steps (same pytree as x0).
     losses: f(x_k) for k = 0 .. steps - 1 (the loss at each iterate a step was taken from),
-        shape (steps,).
+        shape (steps, *f's shape).
     trajectory: x_0 .. x_steps stacked on a new leading axis (steps + 1, ...), or None.
+    opt_state: the optimizer state after the last step (pass it back to continue the run).
     """
 
     x: Any
     losses: jax.Array
     trajectory: Any = None
+    opt_state: Any = None
 
 
 def box_projection(lower, upper) -> Callable[[Any], Any]:
@@ -86,7 +88,8 @@ def _as_optimizer(optimizer) -> optax.GradientTransformation:
 
 
 def projected_gradient(loss_fn: Callable[[Any], jax.Array], project_fn: Callable[[Any], Any],
-                       x0, optimizer, steps: int, return_trajectory: bool = False) -> PGDResult:
+                       x0, optimizer, steps: int, return_trajectory: bool = False, *,
+                       opt_state=None, unroll: bool = False) -> PGDResult:
     """Minimizes `loss_fn` over the set `project_fn` projects onto, from `x0`.
 
     Each of the `steps` iterations is x <- project_fn(x + optimizer_update(grad loss_fn(x))),
@@ -96,25 +99,34 @@ def projected_gradient(loss_fn: Callable[[Any], jax.Array], project_fn: Callable
     first if it may be infeasible); every later iterate is feasible. Transformations that need
     the parameters in `update` get the current iterate.
 
-    Returns `PGDResult(x, losses, trajectory)`; the trajectory (steps + 1 iterates, x0 first)
-    only with `return_trajectory=True`.
+    `loss_fn` may return an array of independent losses (e.g. one per image of a batch whose
+    problems do not interact): their sum is minimized and each entry is recorded in `losses`.
+
+    `opt_state` continues a run (with the `opt_state` a previous call returned, schedules and
+    moments carry on); `unroll=True` unrolls the loop (XLA:CPU runs convolutions inside a
+    while loop several times slower, so CPU callers run short unrolled chunks instead).
+
+    Returns `PGDResult(x, losses, trajectory, opt_state)`; the trajectory (steps + 1 iterates,
+    x0 first) only with `return_trajectory=True`.
     """
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     optimizer = _as_optimizer(optimizer)
-    value_and_grad = jax.value_and_grad(loss_fn)
+    value_and_grad = jax.value_and_grad(lambda x: (lambda v: (jnp.sum(v), v))(loss_fn(x)), has_aux=True)
 
     def step(carry, _):
         x, opt_state = carry
-        loss, grad = value_and_grad(x)
+        (_, loss), grad = value_and_grad(x)
         updates, opt_state = optimizer.update(grad, opt_state, x)
         x = project_fn(optax.apply_updates(x, updates))
         return (x, opt_state), (loss, x if return_trajectory else None)
 
-    (x, _), (losses, path) = jax.lax.scan(step, (x0, optimizer.init(x0)), None, length=steps)
+    opt_state = optimizer.init(x0) if opt_state is None else opt_state
+    (x, opt_state), (losses, path) = jax.lax.scan(step, (x0, opt_state), None, length=steps,
+                                                  unroll=bool(unroll) and steps > 0)
     trajectory = None
     if return_trajectory:
         trajectory = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]),
                                   x0, path)
-    return PGDResult(x, losses, trajectory)
+    return PGDResult(x, losses, trajectory, opt_state)
