@@ -202,15 +202,28 @@ def parse_range(text: str) -> tuple[int, int]:
     return start, stop
 
 
+def choice_list(choices):
+    """argparse type: 'a,b' -> ['a', 'b'], each one of `choices`."""
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="realnvp", choices=MODELS,
                    help="shipped flow (default realnvp)")
-    p.add_argument("--mask", default="hw10", choices=ip.MASKS,
-                   help="missing region (default hw10: rows 5..11, cols 5..19)")
+    p.add_argument("--mask", default=["hw10"], type=choice_list(ip.MASKS), metavar="NAME[,NAME...]",
+                   help=f"missing region(s) from {', '.join(ip.MASKS)} (default hw10: rows 5..11, cols 5..19)")
     p.add_argument("--images", type=parse_range, default=(0, 10), metavar="START:STOP",
                    help="test images START..STOP-1 (default 0:10)")
-    p.add_argument("--method", default="pgd", choices=ip.METHODS, help="default pgd (the course)")
+    p.add_argument("--method", default=["pgd"], type=choice_list(ip.METHODS), metavar="NAME[,NAME...]",
+                   help="pgd (the course, default) and/or annealed; with several masks or methods "
+                        "--json prints a list, one object per (mask, method)")
     p.add_argument("--steps", type=int, default=300, help="iterations (default 300)")
     p.add_argument("--lr", type=float, default=None,
                    help="step size (default: 1e-3 for pgd, 0.02 for annealed)")
@@ -250,36 +263,43 @@ def main(argv=None) -> int:
     except (FetchError, OSError) as e:
         return _fail(f"MNIST is not available: {e}", code=1)
     images = to_unit_interval(test)
-    try:
-        metrics, arrays = evaluate(model, params, images, a.mask, a.method,
-                                   key=jax.random.key(a.seed), indices=np.arange(start, stop),
-                                   train_images=train, steps=a.steps, lr=a.lr,
-                                   batch_size=a.batch_size)
-    except ValueError as e:
-        return _fail(str(e))
-    path = Path(a.out) / f"inpaint_{a.model}_{a.mask}_{a.method}.png"
-    title = (f"{a.model}, mask {a.mask}, {a.method} ({a.steps} steps), test images "
-             f"{start}..{min(stop, start + FIGURE_COLUMNS) - 1}")
-    try:
-        save_figure(figure(arrays, title), path)
-    except OSError as e:
-        return _fail(f"cannot write the figure to {path}: {e}")
+    outs = []
+    for mask in a.mask:
+        for method in a.method:
+            try:
+                metrics, arrays = evaluate(model, params, images, mask, method,
+                                           key=jax.random.key(a.seed), indices=np.arange(start, stop),
+                                           train_images=train, steps=a.steps, lr=a.lr,
+                                           batch_size=a.batch_size)
+            except ValueError as e:
+                return _fail(str(e))
+            path = Path(a.out) / f"inpaint_{a.model}_{mask}_{method}.png"
+            title = (f"{a.model}, mask {mask}, {method} ({a.steps} steps), test images "
+                     f"{start}..{min(stop, start + FIGURE_COLUMNS) - 1}")
+            try:
+                save_figure(figure(arrays, title), path)
+            except OSError as e:
+                return _fail(f"cannot write the figure to {path}: {e}")
+            out = {"model": a.model, "mask": mask, "method": method, "images": f"{start}:{stop}", **metrics}
+            assert tuple(out) == JSON_KEYS
+            outs.append(out)
+            if not a.json:
+                report(out, a.steps, path)
     if a.json:
-        out = {"model": a.model, "mask": a.mask, "method": a.method,
-               "images": f"{start}:{stop}", **metrics}
-        assert tuple(out) == JSON_KEYS
-        print_json(out)
-        return 0
-    b = metrics["baselines"]
-    rows = [(f"{a.method} ({a.steps} steps)", metrics),
+        print_json(outs[0] if len(outs) == 1 else outs)
+    return 0
+
+
+def report(out: dict, steps: int, path: Path) -> None:
+    b = out["baselines"]
+    rows = [(f"{out['method']} ({steps} steps)", out),
             ("mean_fill", b["mean_fill"]), ("nearest_neighbor", b["nearest_neighbor"])]
-    print(f"Inpainting {stop - start} MNIST test images ({start}:{stop}) with {a.model}, "
-          f"mask {a.mask}; scores over the missing pixels")
+    print(f"Inpainting MNIST test images {out['images']} with {out['model']}, "
+          f"mask {out['mask']}; scores over the missing pixels")
     for name, m in rows:
         print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}")
-    print(f"  bits/dim of the inpainted images: {metrics['bpd']:.4f}")
-    print(f"  {metrics['seconds']:.1f} s; figure: {path}")
-    return 0
+    print(f"  bits/dim of the inpainted images: {out['bpd']:.4f}")
+    print(f"  {out['seconds']:.1f} s; figure: {path}")
 
 
 def _fail(message: str, code: int = 2) -> int:
