@@ -1,0 +1,217 @@
+"""The benchmark cases: each `case(quick) -> {"name", "unit", "jaxdnn", "peers"}`.
+
+Peers are timed in the same process right after jaxdnn; a peer that cannot run (torch not
+installed, an error) is reported as `{"missing": reason}`, never dropped.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import numpy as np
+
+from benchmarks.harness import log, measure
+
+GR = dict(start=100, target=200, p=18 / 37, games=600)  # the course's problem
+Q = 0.55
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _peer(name: str, peers: dict, fn) -> None:
+    """Runs `fn() -> result dict` into peers[name]; a failure is recorded, not raised."""
+    log(f"  peer {name} ...")
+    try:
+        peers[name] = fn()
+    except Exception as e:  # noqa: BLE001 - a broken peer must not hide the others
+        traceback.print_exc()
+        peers[name] = {"missing": f"error: {type(e).__name__}: {e}"}
+
+
+def _torch_peer(name: str, peers: dict, fn) -> None:
+    if _torch() is None:
+        peers[name] = {"missing": "torch not installed"}
+        log(f"  peer {name}: torch not installed")
+        return
+    _peer(name, peers, fn)
+
+
+# ----------------------------------------------------------------------------- gambler's ruin
+
+
+def gamblers_ruin(quick: bool) -> dict:
+    import jax
+
+    from benchmarks.peers import gamblers_ruin_numpy, gamblers_ruin_python
+    from jaxdnn import gamblers_ruin as gr
+
+    n_jax = 2**20 if quick else 2**24
+    n_py = 100 if quick else 1000
+    n_np = 16384 if quick else 131072
+    reps = 5 if quick else 10
+    key = jax.random.key(0)
+    log(f"gamblers_ruin: jaxdnn {n_jax} paths")
+    ours = measure(lambda: gr.estimate(key, n_jax, Q, **GR), n_jax, reps, compile_time=True)
+    peers: dict = {}
+    _peer("python", peers, lambda: measure(
+        lambda: gamblers_ruin_python.run(n_py, 0, q=Q, **GR), n_py, 5))
+    _peer("numpy", peers, lambda: measure(
+        lambda: gamblers_ruin_numpy.run(n_np, 0, q=Q, **GR), n_np, reps))
+    return {"name": "gamblers_ruin", "unit": "paths/s", "jaxdnn": ours, "peers": peers}
+
+
+# ----------------------------------------------------------------------------- SGD tricks
+
+
+def sgd_tricks(quick: bool) -> dict:
+    import jax
+
+    from jaxdnn import sgd_tricks
+
+    iters, batch = sgd_tricks.DEFAULT_ITERATIONS, sgd_tricks.DEFAULT_BATCH  # 500, 16
+    reps = 10 if quick else 50
+    run = jax.jit(lambda k: sgd_tricks.run_sgd(k, "reparameterization", batch=batch,
+                                               iterations=iters).final)
+    key = jax.random.key(0)
+    log(f"sgd_tricks: {iters} iterations, batch {batch}")
+    ours = measure(lambda: run(key), iters, reps, warmup=3, compile_time=True)
+    peers: dict = {}
+
+    def torch_loop():
+        from benchmarks.peers import sgd_tricks_torch
+
+        return measure(lambda: sgd_tricks_torch.run(iters, batch, sgd_tricks.DEFAULT_LR),
+                       iters, 5 if quick else 10)
+
+    _torch_peer("torch", peers, torch_loop)
+    return {"name": "sgd_tricks", "unit": "iterations/s", "jaxdnn": ours, "peers": peers}
+
+
+# ----------------------------------------------------------------------------- RealNVP helpers
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    """Synthetic uint8 digits-like images (N, 28, 28): timing does not depend on content."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def _jax_param_count(params) -> int:
+    import jax
+
+    return int(sum(np.size(a) for a in jax.tree.leaves(params)))
+
+
+def _torch_realnvp():
+    from benchmarks.peers import realnvp_torch
+    from jaxdnn.flows import CONFIGS
+
+    return realnvp_torch.RealNVP(**CONFIGS["realnvp"])
+
+
+# ----------------------------------------------------------------------------- inpainting
+
+
+def inpainting(quick: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdnn import inpainting as ip
+    from jaxdnn.flows import build_model
+
+    n_images = 100
+    steps = 5 if quick else 300
+    n_peer = 2 if quick else 3
+    model = build_model("realnvp")
+    x = (jnp.asarray(_images(n_images), jnp.float32) + 0.5)[..., None] / 256.0
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])
+    mask = np.ones((28, 28, 1), bool)
+    mask[14:] = False  # bottom half missing
+    log_prob = ip.flow_log_prob(model, params)
+    log(f"inpainting: {n_images} images x {steps} steps, one batch")
+    ours = measure(lambda: ip.inpaint(log_prob, x, mask, steps=steps), n_images, 5,
+                   compile_time=True)
+    peers: dict = {}
+
+    def torch_loop():
+        import torch
+
+        from benchmarks.peers import inpainting_torch
+
+        net = _torch_realnvp()
+        imgs = torch.from_numpy(np.array(x[:n_peer])).permute(0, 3, 1, 2).contiguous()
+        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous()
+        return measure(lambda: inpainting_torch.run(net, imgs, m, steps=steps), n_peer, 5)
+
+    def torch_batched():
+        import torch
+
+        from benchmarks.peers import inpainting_torch
+
+        net = _torch_realnvp()
+        imgs = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous()
+        return measure(lambda: inpainting_torch.run_batched(net, imgs, m, steps=steps), n_images, 5)
+
+    _torch_peer("torch_loop", peers, torch_loop)
+    _torch_peer("torch_batched", peers, torch_batched)
+    return {"name": "inpainting", "unit": "images/s", "jaxdnn": ours, "peers": peers}
+
+
+# ----------------------------------------------------------------------------- flow train step
+
+
+def flow_train_step(quick: bool) -> dict:
+    import jax
+
+    from jaxdnn import train
+    from jaxdnn.flows import build_model
+
+    batch_size = 64
+    reps = 5 if quick else 20
+    model = build_model("realnvp")
+    batch = _images(batch_size)
+    opt = train.make_optimizer(1e-3, 10_000, 100, 1.0)
+    state = train.init_state(model, jax.random.key(0), batch, opt)
+    n_params = _jax_param_count(state.params)
+    step = train.make_train_step(model, opt)
+    key = jax.random.key(1)
+    batch_dev = jax.device_put(batch)
+    holder = [state]
+
+    def one():
+        holder[0], metrics = step(holder[0], batch_dev, key)
+        return metrics
+
+    log(f"flow_train_step: RealNVP ({n_params} params), batch {batch_size}")
+    ours = measure(one, batch_size, reps, warmup=2, compile_time=True)
+    peers: dict = {}
+
+    def torch_step():
+        import torch
+
+        from benchmarks.peers import realnvp_torch
+
+        net = _torch_realnvp()
+        n_torch = realnvp_torch.num_params(net)
+        assert n_torch == n_params, f"parameter counts differ: torch {n_torch}, jaxdnn {n_params}"
+        tstep = realnvp_torch.make_train_step(net)
+        tb = torch.from_numpy(batch)
+        return measure(lambda: tstep(tb), batch_size, reps, warmup=2)
+
+    _torch_peer("torch", peers, torch_step)
+    return {"name": "flow_train_step", "unit": "images/s", "jaxdnn": ours, "peers": peers}
+
+
+CASES = {
+    "gamblers_ruin": gamblers_ruin,
+    "sgd_tricks": sgd_tricks,
+    "inpainting": inpainting,
+    "flow_train_step": flow_train_step,
+}
