@@ -151,10 +151,25 @@ def _check_scalar_batch(dist: distrax.Distribution) -> None:
         )
 
 
+def sample_keys(key: jax.Array, num_samples: int) -> jax.Array:
+    """The per-sample keys every estimator uses: `key` split into `num_samples` keys.
+
+    The estimators also accept these (num_samples,) keys directly in place of `key` (same
+    result); a loop can then derive them for all its steps in one vectorized op."""
+    if _is_key_array(key, num_samples):
+        return key
+    return jax.random.split(key, num_samples)
+
+
+def _is_key_array(key: jax.Array, num_samples: int) -> bool:
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2) and key.shape[0] == num_samples
+
+
 def _sample(key: jax.Array, dist: distrax.Distribution, num_samples: int) -> jax.Array:
     # One key per sample, vmapped: distrax's batched sampling broadcasts (n, d) against
     # (d,) parameters, which jax_numpy_rank_promotion='raise' rejects.
-    return jax.vmap(lambda k: dist.sample(seed=k))(jax.random.split(key, num_samples))
+    return jax.vmap(lambda k: dist.sample(seed=k))(sample_keys(key, num_samples))
 
 
 def _evaluate(f: Cost, x: jax.Array, num_samples: int) -> jax.Array:
@@ -370,7 +385,7 @@ def pathwise(
     """
     _check_num_samples(num_samples)
     if check:
-        check_reparameterizable(key, make_dist, params)
+        check_reparameterizable(sample_keys(key, num_samples)[0], make_dist, params)
 
     def values_fn(p):
         return _evaluate(f, _sample(key, make_dist(p), num_samples), num_samples)

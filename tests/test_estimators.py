@@ -248,6 +248,18 @@ def test_jit_vmap_and_determinism(key):
     assert not np.allclose(batched["none"]["mu"][0], batched["none"]["mu"][1])
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_per_sample_keys_give_the_same_estimate(key, raw):
+    """Passing sample_keys(key, n) in place of key changes nothing (typed and raw keys)."""
+    key = jax.random.key_data(key) if raw else key
+    f = COSTS["xsinx"][0]
+    keys = E.sample_keys(key, 16)
+    assert keys.shape[0] == 16
+    for est in (lambda k: E.score_function(k, make_normal, PARAMS, f, 16, baseline="rloo"),
+                lambda k: E.pathwise(k, make_normal, PARAMS, f, 16)):
+        chex.assert_trees_all_equal(est(keys), est(key))
+
+
 def test_moving_average_state():
     ma = E.moving_average(decay=0.5)
     s = ma.init()
