@@ -147,6 +147,7 @@ def write_report(summary: dict, out: Path) -> Path:
               "2.67 / 2.12 / 2.23; at the local minimum 5.36 / 2.48 / 1.32 / 0.83):", "",
               "| estimator | at the start | at the optimum |", "| --- | --- | --- |"]
         L += [f"| {name} | {v['start']:.3f} | {v['optimum']:.3f} |" for name, v in r["variance"].items()]
+        L.append("")  # a figure right after a table row would render as part of the table
     for k in ("p6_from_0_1", "p6_from_2_2"):
         _fig(L, p.get(k, {}))
     path = out / "report.md"
