@@ -24,7 +24,7 @@ IMAGES_DEFAULT, IMAGES_FAST = "0:16", "0:2"
 def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
     """(key, module, arguments) of every experiment run, the course's settings unless --fast."""
     vae_epochs = ["--epochs", "1", "--train-size", "2000", "--test-size", "500", "--iwae-samples", "10"] if fast \
-        else ["--epochs", "3", "--iwae-samples", "100"]
+        else ["--epochs", "20", "--iwae-samples", "100"]
     sgd = ["--seeds", "4", "--variance-samples", str(1 << 20)] if fast else ["--seeds", "20"]
     images = IMAGES_FAST if fast else IMAGES_DEFAULT
     runs = [
