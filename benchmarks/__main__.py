@@ -3,10 +3,11 @@
     python -m benchmarks [--quick] [--only NAME[,NAME...]] [--json] [--out FILE]
 
 Cases: gamblers_ruin (paths/s; peers: pure-Python loop, vectorized NumPy), sgd_tricks
-(iterations/s; peer: course-style PyTorch loop), inpainting (images/s; peer: PyTorch, one
-image at a time), flow_train_step (images/s; peer: the same RealNVP in PyTorch). Each case:
-warm-up, compile time measured separately, `jax.block_until_ready`, median/min/max of >= 5
-timed runs, the peers timed in the same invocation, ratios jaxdnn / peer (higher is better).
+(iterations/s; peer: course-style PyTorch loop), inpainting (images/s; peers: PyTorch one
+image at a time, and batched), flow_train_step (images/s; peer: the same RealNVP in
+PyTorch). Each case: warm-up, compile time measured separately, `jax.block_until_ready`,
+median/min/max of >= 5 timed runs, the peers timed in the same invocation, ratios
+jaxdnn / peer (higher is better).
 A missing optional peer (torch not installed) is reported as missing.
 
 --quick: smaller workloads (under 2 minutes on a 2-core CPU), still >= 5 timed runs.
@@ -18,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-# One XLA CPU device per core (as experiments/gamblers_ruin.py does): the sharded gambler's
-# ruin paths use every core. Only before jax is imported and when XLA_FLAGS is unset; the
-# flag only concerns the host (CPU) platform.
-if "jax" not in sys.modules and not os.environ.get("XLA_FLAGS"):
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={os.cpu_count() or 1}"
+from experiments.common import one_cpu_device_per_core
+
+one_cpu_device_per_core()  # as experiments.gamblers_ruin: the sharded paths use every core
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.cases import CASES  # noqa: E402

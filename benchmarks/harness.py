@@ -14,10 +14,11 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from experiments.common import atomic_write_bytes
 
 MIN_REPEATS = 5
 
@@ -129,22 +130,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, out: Path) -> None:
-    write_atomic(out, json.dumps(report, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(report))
+    atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), markdown(report).encode())
 
 
 def log(msg: str) -> None:

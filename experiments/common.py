@@ -24,6 +24,17 @@ def fail(prog: str, message: str) -> None:
     raise SystemExit(2)
 
 
+def one_cpu_device_per_core() -> None:
+    """Asks XLA for one host (CPU) device per core, so sharded work uses every core.
+
+    Call before jax is imported; appends to the user's XLA_FLAGS and leaves a device count
+    the user already set alone. Only the CPU platform is affected."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and "host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=None, sort_keys=False))
 

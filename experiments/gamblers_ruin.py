@@ -17,20 +17,16 @@ DIR/gamblers_ruin_sweep.png. On CPU the paths are sharded over one XLA device pe
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
-import os
 import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
-if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""):  # one CPU device per core: the sharded paths use every core
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
-                               ).strip()
+from experiments.common import one_cpu_device_per_core, save_figure
+
+one_cpu_device_per_core()  # the sharded paths use every core
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -166,15 +162,7 @@ def _sweep(a, problem, key, out: Path) -> Path | None:
     ax.set_ylabel("relative error per path")
     ax.set_title(f"Gambler's ruin {a.start}->{a.target}, p = {a.p:.4f}, {a.games} games")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gamblers_ruin_sweep.png"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / "gamblers_ruin_sweep.png")
 
 
 def _finite(v):

@@ -10,32 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def inpaint_one(model, image: torch.Tensor, mask: torch.Tensor, steps: int = 300,
-                lr: float = 1e-3) -> torch.Tensor:
-    """image (1, H, W) in [0, 1], mask (1, H, W) bool (True = observed) -> inpainted image."""
-    x = torch.where(mask, image, torch.ones_like(image)).unsqueeze(0).requires_grad_(True)
-    for _ in range(steps):
-        loss = -model.log_prob(x).sum()
-        grad, = torch.autograd.grad(loss, x)
-        grad = torch.nan_to_num(grad)
-        with torch.no_grad():
-            x -= lr * grad
-            x.clamp_(0.0, 1.0)
-            x.copy_(torch.where(mask, image, x))
-    return x.detach()[0]
-
-
-def run(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 300,
-        lr: float = 1e-3) -> torch.Tensor:
-    """images (N, 1, H, W): the course's loop over images."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return torch.stack([inpaint_one(model, img, mask, steps, lr) for img in images])
-
-
 def run_batched(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 300,
                 lr: float = 1e-3) -> torch.Tensor:
-    """images (N, 1, H, W): every image in one batch, the same update as `inpaint_one`."""
+    """images (N, 1, H, W), mask (1, H, W) bool (True = observed): every image in one batch."""
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.where(mask, images, torch.ones_like(images)).requires_grad_(True)
@@ -46,3 +23,9 @@ def run_batched(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 30
             x.clamp_(0.0, 1.0)
             x.copy_(torch.where(mask, images, x))
     return x.detach()
+
+
+def run(model, images: torch.Tensor, mask: torch.Tensor, steps: int = 300,
+        lr: float = 1e-3) -> torch.Tensor:
+    """images (N, 1, H, W): the course's loop, one image at a time."""
+    return torch.cat([run_batched(model, img[None], mask, steps, lr) for img in images])
