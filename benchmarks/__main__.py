@@ -26,6 +26,8 @@ from experiments.common import one_cpu_device_per_core
 
 one_cpu_device_per_core()  # as experiments.gamblers_ruin: the sharded paths use every core
 
+# jaxdnn's XLA:CPU flags must be in XLA_FLAGS before JAX starts its backend
+import jaxdnn  # noqa: E402, F401
 from benchmarks import harness  # noqa: E402
 from benchmarks.cases import CASES  # noqa: E402
 

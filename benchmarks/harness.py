@@ -107,7 +107,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"Backend {d['backend']} ({d['device_count']} x {d['device_kind']}), "
         f"{d['cpu_count']} CPUs; jax {d['jax']}, jaxlib {d['jaxlib']}, flax {d['flax']}, "
-        f"torch {d['torch'] or 'not installed'}.",
+        f"torch {d['torch'] or 'not installed'}; XLA_FLAGS `{d['xla_flags']}`.",
         "",
         "| case | unit | jaxdnn median (min-max) | compile s | peer | peer median (min-max) "
         "| jaxdnn / peer |",
