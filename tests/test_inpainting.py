@@ -110,6 +110,26 @@ def test_annealed_reaches_the_constrained_minimizer(key):
     assert not np.array_equal(other, first)
 
 
+def test_langevin_estimates_the_posterior_mean(key):
+    """Independent Gaussian pixels restricted to [0, 1]: the posterior mean of a missing pixel
+    is the truncated normal's mean, in closed form."""
+    x = gaussian_images(2)
+    mask = ip.make_mask("center")
+    res = ip.inpaint(gaussian_log_prob, x, mask, key, method="langevin", lr=0.01, steps=800,
+                     chains=32, return_losses=True)
+    a, b = (0.0 - MU) / SCALE, (1.0 - MU) / SCALE
+    norm = jax.scipy.stats.norm
+    mean = MU + SCALE * (norm.pdf(a) - norm.pdf(b)) / (norm.cdf(b) - norm.cdf(a))
+    want = jnp.where(mask, x, mean[None])
+    missing = ~np.broadcast_to(np.asarray(mask), x.shape)
+    err = np.abs(np.asarray(res.images) - np.asarray(want))[missing]
+    assert err.mean() < 0.01 and err.max() < 0.06, (err.mean(), err.max())
+    chex.assert_shape(res.losses, (2, 800))
+    again = ip.inpaint(gaussian_log_prob, x, mask, key, method="langevin", lr=0.01, steps=800,
+                       chains=32)
+    np.testing.assert_array_equal(res.images, again)  # deterministic given the key
+
+
 @pytest.mark.parametrize("method", ip.METHODS)
 def test_vmapped_batch_equals_per_image_calls(method, key):
     x = gaussian_images(3)
@@ -157,7 +177,8 @@ def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
     np.testing.assert_array_equal(out[obs], np.asarray(x)[obs])  # bit for bit
     assert out.dtype == np.float32
     assert np.all((out >= 0.0) & (out <= 1.0))
-    init = ip.PGD_DEFAULTS["init"] if method == "pgd" else ip.ANNEALED_DEFAULTS["init"]
+    init = {"pgd": ip.PGD_DEFAULTS, "annealed": ip.ANNEALED_DEFAULTS,
+            "langevin": ip.LANGEVIN_DEFAULTS}[method]["init"]
     assert np.any(out[~obs] != init)  # the missing pixels moved
     # the losses are -log p of the iterates: the first one is the starting image's
     start = jnp.where(mask, x, init)
