@@ -41,7 +41,7 @@ def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
     steps = ["--steps", "30"] if fast else []
     for model, model_masks in masks.items():  # one process per model: its masks and methods share compilations
         runs.append((f"p3_{model}", "inpaint", ["--model", model, "--mask", ",".join(model_masks),
-                                               "--method", "pgd,annealed", "--images", images, *steps]))
+                                               "--method", "pgd,annealed,langevin", "--images", images, *steps]))
     return runs
 
 
