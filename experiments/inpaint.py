@@ -143,9 +143,7 @@ def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, key=Non
     for name, filled in (("mean_fill", fill_mean), ("nearest_neighbor", fill_nn)):
         p, m = scores(filled)
         baselines[name] = {"psnr": float(p.mean()), "mse": float(m.mean())}
-    defaults = {"pgd": ip.PGD_DEFAULTS, "annealed": ip.ANNEALED_DEFAULTS,
-                "langevin": ip.LANGEVIN_DEFAULTS}[method]
-    start_value = options.get("init", defaults["init"])
+    start_value = options.get("init", ip.DEFAULTS[method]["init"])
     jax.block_until_ready((inpainted, fill_nn))
     metrics = {"psnr": float(psnr.mean()), "mse": float(mse.mean()),
                "bpd": float(np.mean(np.asarray(bpd, np.float64))), "baselines": baselines,

@@ -50,7 +50,7 @@ import optax
 from jaxdnn.projection import box_projection, projected_gradient
 
 __all__ = [
-    "ANNEALED_DEFAULTS", "IMAGE_SHAPE", "MASKS", "METHODS", "PGD_DEFAULTS", "InpaintResult",
+    "ANNEALED_DEFAULTS", "DEFAULTS", "IMAGE_SHAPE", "MASKS", "METHODS", "PGD_DEFAULTS", "InpaintResult",
     "LANGEVIN_DEFAULTS", "annealed_optimizer", "batch_masks", "check_images", "check_mask", "flow_log_prob",
     "inpaint", "make_mask", "masked_mse", "masked_psnr", "mean_fill", "nearest_neighbor",
     "pgd_optimizer", "pixel_mean",
@@ -72,6 +72,7 @@ ANNEALED_DEFAULTS = {"lr": 0.02, "lr_final": 0.02, "noise": 0.02, "noise_until":
 # the boundary of its support).
 LANGEVIN_DEFAULTS = {"lr": 0.1, "chains": 8, "average": 0.5, "init": 0.05, "grad_clip": 1e4}
 INIT_EPS = 1e-4  # langevin: an init of 0 or 1 starts this far inside (0, 1)
+DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANGEVIN_DEFAULTS}
 PSNR_MSE_FLOOR = 1e-10  # a perfect fill reports 100 dB instead of infinity
 GRAD_LIMIT = 1e15  # annealed: per-pixel gradient clip (Adam divides it out; keeps g^2 finite)
 
@@ -250,6 +251,12 @@ def annealed_optimizer(keys: jax.Array, steps: int, lr: float = ANNEALED_DEFAULT
     )
 
 
+def _averaged(k, average, steps):
+    """1.0 where the iterate x_k (k = 1 .. steps) enters the average of the last `average`
+    fraction of the steps (the final iterate always does), else 0.0."""
+    return ((k > (1.0 - average) * steps) | (k == steps)).astype(jnp.float32)
+
+
 def _cosine(t):
     """1 at t = 0, 0 from t = 1 on (half a cosine); works on traced hyperparameters."""
     return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.clip(t, 0.0, 1.0)))
@@ -313,31 +320,36 @@ def _advance(log_prob, images, masks, keys, hp, carry, first, method, steps, chu
     res = projected_gradient(lambda v: -log_prob(v), project, x, opt, chunk,
                              return_trajectory=method == "annealed", opt_state=opt_state, unroll=unroll)
     if method == "annealed":  # average the iterates x_{k+1} of the last `average` fraction of the steps
-        k = first + jnp.arange(1, chunk + 1, dtype=jnp.float32)
-        w = ((k > (1.0 - hp["average"]) * steps) | (k == steps)).astype(jnp.float32)
+        w = _averaged(first + jnp.arange(1, chunk + 1, dtype=jnp.float32), hp["average"], steps)
         acc = acc + jnp.tensordot(w, res.trajectory[1:], axes=1)
     return (res.x, res.opt_state, acc), res.losses.T
+
+
+def _run_chunks(advance, carry, steps: int, batch: int):
+    """Runs `advance(carry, first, n, unroll) -> (carry, losses (B, n))` over `steps` steps: one
+    call on GPU/TPU, unrolled chunks of CPU_CHUNK steps on CPU. Returns (carry, losses (B, steps))."""
+    cpu = jax.default_backend() == "cpu"
+    chunk = min(CPU_CHUNK, steps) if cpu else steps
+    losses, done = [], 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        carry, loss = advance(carry, jnp.float32(done), n, cpu)
+        losses.append(loss)
+        done += n
+    return carry, (jnp.concatenate(losses, 1) if losses else jnp.zeros((batch, 0)))
 
 
 def _inpaint_batch(log_prob, images, masks, keys, hp, method, steps):
     """images (B, H, W, C), masks (H, W, C) or (B, H, W, C), keys (B,) -> (inpainted, losses
     (B, steps)). One scan on GPU/TPU; on CPU unrolled chunks of CPU_CHUNK steps."""
     carry = _start(images, masks, keys, hp, method, steps)
-    cpu = jax.default_backend() == "cpu"
-    chunk = min(CPU_CHUNK, steps) if cpu else steps
-    losses, done = [], 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        carry, loss = _advance(log_prob, images, masks, keys, hp, carry, jnp.float32(done),
-                               method, steps, n, cpu)
-        losses.append(loss)
-        done += n
+    carry, losses = _run_chunks(
+        lambda c, first, n, unroll: _advance(log_prob, images, masks, keys, hp, c, first, method,
+                                             steps, n, unroll), carry, steps, images.shape[0])
     x, _, acc = carry
-    losses = jnp.concatenate(losses, 1) if losses else jnp.zeros((images.shape[0], 0))
     if method == "pgd" or steps == 0:
         return x, losses
-    k = jnp.arange(1, steps + 1, dtype=jnp.float32)
-    total = jnp.sum((k > (1.0 - hp["average"]) * steps) | (k == steps))
+    total = _averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hp["average"], steps).sum()
     project, _, _ = _problem(images, masks, keys, hp, method, steps)
     return project(acc / total), losses  # re-projected: observed pixels exact again
 
@@ -368,8 +380,8 @@ def _langevin_advance(log_prob, images, masks, keys, hp, carry, first, steps, ch
         count = (first + i).astype(jnp.int32)
         noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, count), u.shape[1:]))(keys)
         u = jnp.where(observed, 0.0, u + hp["lr"] * grad + jnp.sqrt(2.0 * hp["lr"]) * noise)
-        w = (first + i + 1.0 > (1.0 - hp["average"]) * steps) | (first + i + 1.0 == steps)
-        return (u, acc + w.astype(u.dtype) * jax.nn.sigmoid(u)), -lp.mean(1)
+        w = _averaged(first + i + 1.0, hp["average"], steps)
+        return (u, acc + w * jax.nn.sigmoid(u)), -lp.mean(1)
 
     carry, losses = jax.lax.scan(step, carry, jnp.arange(chunk, dtype=jnp.float32),
                                  unroll=chunk if unroll else 1)
@@ -381,20 +393,12 @@ def _langevin_batch(log_prob, images, masks, keys, hp, steps, chains):
     shape = (images.shape[0], chains, *images.shape[1:])
     start = jnp.clip(hp["init"], INIT_EPS, 1.0 - INIT_EPS)  # a finite logit
     u = jnp.full(shape, jax.scipy.special.logit(start), jnp.float32)
-    carry = (u, jnp.zeros(shape, jnp.float32))
-    cpu = jax.default_backend() == "cpu"
-    chunk = min(CPU_CHUNK, steps) if cpu else steps
-    losses, done = [], 0
-    while done < steps:
-        n = min(chunk, steps - done)
-        carry, loss = _langevin_advance(log_prob, images, masks, keys, hp, carry,
-                                        jnp.float32(done), steps, n, cpu)
-        losses.append(loss)
-        done += n
-    k = jnp.arange(1, steps + 1, dtype=jnp.float32)
-    total = jnp.maximum(jnp.sum((k > (1.0 - hp["average"]) * steps) | (k == steps)), 1)
+    carry, losses = _run_chunks(
+        lambda c, first, n, unroll: _langevin_advance(log_prob, images, masks, keys, hp, c, first,
+                                                      steps, n, unroll),
+        (u, jnp.zeros(shape, jnp.float32)), steps, images.shape[0])
+    total = _averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hp["average"], steps).sum()
     fill = carry[1].mean(1) / total if steps else jnp.full(images.shape, hp["init"])
-    losses = jnp.concatenate(losses, 1) if losses else jnp.zeros((images.shape[0], 0))
     return jnp.where(masks, images, jnp.clip(fill, 0.0, 1.0)), losses
 
 
@@ -408,14 +412,14 @@ def inpaint(log_prob_fn: Callable[[jax.Array], jax.Array], image, mask, key=None
         its captured arrays into the compiled program).
     image: float (H, W, C) or a batch (B, H, W, C), values in [0, 1].
     mask: bool or 0/1, shape (H, W, C) (shared by the batch) or (B, H, W, C); 1 = observed.
-    key: for "annealed": one key (split into one per image) or a (B,) array of keys; image i
+    key: for "annealed" and "langevin": one key (split into one per image) or a (B,) array of keys; image i
         of a batch called with keys k gives the same result as a call on that image with k[i].
         Unused (may be None) for "pgd".
     method: "pgd" (the course: lr 1e-3, missing pixels start at 1), "annealed" (projected
         Langevin with annealing) or "langevin" (posterior mean over Langevin chains); see the
         module docstring.
     steps: iterations (300 in the course). lr: step size; None means the method's default
-        (`PGD_DEFAULTS` / `ANNEALED_DEFAULTS`). init: the starting value of the missing pixels
+        (`DEFAULTS[method]`). init: the starting value of the missing pixels
         (None: the method's default, 1.0 for pgd as in the course).
     options: for "annealed", any of lr_final, noise, noise_until, b1, b2 (see
         `ANNEALED_DEFAULTS`); for "langevin", chains, average, grad_clip (`LANGEVIN_DEFAULTS`).
@@ -429,8 +433,7 @@ def inpaint(log_prob_fn: Callable[[jax.Array], jax.Array], image, mask, key=None
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    defaults = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS,
-                "langevin": LANGEVIN_DEFAULTS}[method]
+    defaults = DEFAULTS[method]
     unknown = set(options) - (set(defaults) - {"lr", "init"})
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for method {method!r}; it takes "

@@ -177,8 +177,7 @@ def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
     np.testing.assert_array_equal(out[obs], np.asarray(x)[obs])  # bit for bit
     assert out.dtype == np.float32
     assert np.all((out >= 0.0) & (out <= 1.0))
-    init = {"pgd": ip.PGD_DEFAULTS, "annealed": ip.ANNEALED_DEFAULTS,
-            "langevin": ip.LANGEVIN_DEFAULTS}[method]["init"]
+    init = ip.DEFAULTS[method]["init"]
     assert np.any(out[~obs] != init)  # the missing pixels moved
     # the losses are -log p of the iterates: the first one is the starting image's
     start = jnp.where(mask, x, init)
