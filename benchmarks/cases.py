@@ -24,6 +24,29 @@ def _torch():
     return torch
 
 
+def torch_device() -> str:
+    """Where the PyTorch flow peers run: "cuda" when jaxdnn runs on a GPU and torch sees one
+    (a GPU run compares GPU with GPU), else "cpu"."""
+    import jax
+
+    torch = _torch()
+    gpu = jax.default_backend() == "gpu" and torch is not None and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
+
+
+def _synced(fn, device: str):
+    """fn, followed by waiting for the GPU when torch runs there (timed calls must include it)."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        _torch().cuda.synchronize()
+        return out
+
+    return run
+
+
 def _peer(name: str, peers: dict, fn) -> None:
     """Runs `fn() -> result dict` into peers[name]; a failure is recorded, not raised."""
     log(f"  peer {name} ...")
@@ -86,8 +109,9 @@ def sgd_tricks(quick: bool) -> dict:
     def torch_loop():
         from benchmarks.peers import sgd_tricks_torch
 
-        return measure(lambda: sgd_tricks_torch.run(iters, batch, sgd_tricks.DEFAULT_LR),
-                       iters, 5 if quick else 10)
+        # Scalar work: torch's CPU is its fastest device for it, whatever jaxdnn runs on.
+        return {**measure(lambda: sgd_tricks_torch.run(iters, batch, sgd_tricks.DEFAULT_LR),
+                          iters, 5 if quick else 10), "device": "cpu"}
 
     _torch_peer("torch", peers, torch_loop)
     return {"name": "sgd_tricks", "unit": "iterations/s", "jaxdnn": ours, "peers": peers}
@@ -108,11 +132,11 @@ def _jax_param_count(params) -> int:
     return int(sum(np.size(a) for a in jax.tree.leaves(params)))
 
 
-def _torch_realnvp():
+def _torch_realnvp(device: str = "cpu"):
     from benchmarks.peers import realnvp_torch
     from jaxdnn.flows import CONFIGS
 
-    return realnvp_torch.RealNVP(**CONFIGS["realnvp"])
+    return realnvp_torch.RealNVP(**CONFIGS["realnvp"]).to(device)
 
 
 # ----------------------------------------------------------------------------- inpainting
@@ -144,20 +168,24 @@ def inpainting(quick: bool) -> dict:
 
         from benchmarks.peers import inpainting_torch
 
-        net = _torch_realnvp()
-        imgs = torch.from_numpy(np.array(x[:n_peer])).permute(0, 3, 1, 2).contiguous()
-        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous()
-        return measure(lambda: inpainting_torch.run(net, imgs, m, steps=steps), n_peer, 5)
+        dev = torch_device()
+        net = _torch_realnvp(dev)
+        imgs = torch.from_numpy(np.array(x[:n_peer])).permute(0, 3, 1, 2).contiguous().to(dev)
+        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous().to(dev)
+        run = _synced(lambda: inpainting_torch.run(net, imgs, m, steps=steps), dev)
+        return {**measure(run, n_peer, 5), "device": dev}
 
     def torch_batched():
         import torch
 
         from benchmarks.peers import inpainting_torch
 
-        net = _torch_realnvp()
-        imgs = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
-        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous()
-        return measure(lambda: inpainting_torch.run_batched(net, imgs, m, steps=steps), n_images, 5)
+        dev = torch_device()
+        net = _torch_realnvp(dev)
+        imgs = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().to(dev)
+        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous().to(dev)
+        run = _synced(lambda: inpainting_torch.run_batched(net, imgs, m, steps=steps), dev)
+        return {**measure(run, n_images, 5), "device": dev}
 
     _torch_peer("torch_loop", peers, torch_loop)
     _torch_peer("torch_batched", peers, torch_batched)
@@ -198,12 +226,13 @@ def flow_train_step(quick: bool) -> dict:
 
         from benchmarks.peers import realnvp_torch
 
-        net = _torch_realnvp()
+        dev = torch_device()
+        net = _torch_realnvp(dev)
         n_torch = realnvp_torch.num_params(net)
         assert n_torch == n_params, f"parameter counts differ: torch {n_torch}, jaxdnn {n_params}"
         tstep = realnvp_torch.make_train_step(net)
-        tb = torch.from_numpy(batch)
-        return measure(lambda: tstep(tb), batch_size, reps, warmup=2)
+        tb = torch.from_numpy(batch).to(dev)
+        return {**measure(_synced(lambda: tstep(tb), dev), batch_size, reps, warmup=2), "device": dev}
 
     _torch_peer("torch", peers, torch_step)
     return {"name": "flow_train_step", "unit": "images/s", "jaxdnn": ours, "peers": peers}

@@ -125,7 +125,8 @@ def markdown(report: dict) -> str:
             theirs = (f"{_fmt(p['median'])} ({_fmt(p['min'])}-{_fmt(p['max'])})" if "median" in p
                       else f"missing: {p.get('missing')}")
             ratio = c["ratios"].get(name)
-            lines.append(f"| {c['name']} | {c['unit']} | {ours} | {comp} | {name} | {theirs} | "
+            where = f" ({p['device']})" if "device" in p else ""
+            lines.append(f"| {c['name']} | {c['unit']} | {ours} | {comp} | {name}{where} | {theirs} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,8 @@ convolutions and reductions to XLA's own kernels instead of YNNPACK, which makes
 faster on x86 CPUs (measured with `python -m benchmarks`, README "Performance"). It only
 affects the CPU backend, is read when JAX starts its backend (import jaxdnn before running
 any JAX computation), and is skipped when XLA_FLAGS already sets it or JAXDNN_XLA_DEFAULTS=0.
+Only jaxlib versions known to have the flag get it (`XLA_CPU_FLAGS_JAXLIB`): XLA aborts on a
+flag it does not know.
 """
 
 import os
@@ -15,10 +17,21 @@ import warnings
 __version__ = "0.1.0"
 
 XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+XLA_CPU_FLAGS_JAXLIB = ((0, 10), (0, 11))  # (major, minor) of the jaxlib releases checked
+
+
+def _jaxlib_release() -> tuple[int, ...] | None:
+    """(major, minor) of the installed jaxlib, read without importing it; None if unknown."""
+    from importlib import metadata
+
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
 
 
 def _append_xla_cpu_flags() -> None:
-    if os.environ.get("JAXDNN_XLA_DEFAULTS", "1") == "0":
+    if os.environ.get("JAXDNN_XLA_DEFAULTS", "1") == "0" or _jaxlib_release() not in XLA_CPU_FLAGS_JAXLIB:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     missing = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in flags]

@@ -32,3 +32,17 @@ def test_import_appends_xla_cpu_flags(env, want):
 
 def test_flags_are_in_effect_for_this_suite():
     assert FLAG in os.environ["XLA_FLAGS"]
+
+
+def test_flags_only_for_jaxlib_releases_that_have_them(monkeypatch):
+    """XLA aborts on an unknown flag: a jaxlib outside XLA_CPU_FLAGS_JAXLIB gets none."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JAXDNN_XLA_DEFAULTS", raising=False)
+    monkeypatch.setattr(jaxdnn, "_cpu_backend", lambda: False)  # no "backend already started" warning
+    assert jaxdnn._jaxlib_release() in jaxdnn.XLA_CPU_FLAGS_JAXLIB  # the installed one is checked
+    monkeypatch.setattr(jaxdnn, "_jaxlib_release", lambda: (0, 4))
+    jaxdnn._append_xla_cpu_flags()
+    assert "XLA_FLAGS" not in os.environ
+    monkeypatch.setattr(jaxdnn, "_jaxlib_release", lambda: (0, 10))
+    jaxdnn._append_xla_cpu_flags()
+    assert os.environ["XLA_FLAGS"] == FLAG

@@ -140,7 +140,8 @@ def make_train_step(model: RealNVP, lr: float = 1e-3, clip: float = 1.0):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def step(batch_uint8: torch.Tensor) -> float:
-        x = (batch_uint8.float().unsqueeze(1) + torch.rand(batch_uint8.shape).unsqueeze(1)) / 256.0
+        noise = torch.rand(batch_uint8.shape, device=batch_uint8.device)
+        x = (batch_uint8.float() + noise).unsqueeze(1) / 256.0
         loss = bits_per_dim(model.log_prob(x)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
