@@ -60,10 +60,11 @@ def _params(workdir):
 
 
 def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_path):
-    whole = _run(tmp_path / "whole")
-    _run(tmp_path / "killed", "--stop-after", "3")
+    cpu = {"JAX_PLATFORMS": "cpu"}  # the two-device run shards over host devices: compare on the host
+    whole = _run(tmp_path / "whole", env=cpu)
+    _run(tmp_path / "killed", "--stop-after", "3", env=cpu)
     assert not (tmp_path / "killed" / "final.json").exists()
-    resumed = _run(tmp_path / "killed")
+    resumed = _run(tmp_path / "killed", env=cpu)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     final_whole, ckpt_whole = _params(tmp_path / "whole")
     final_resumed, ckpt_resumed = _params(tmp_path / "killed")
@@ -71,7 +72,7 @@ def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_pa
     assert final_whole["test_bpd"] == final_resumed["test_bpd"]
 
     two_devices = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    two = _run(tmp_path / "two", env={"XLA_FLAGS": two_devices})
+    two = _run(tmp_path / "two", env={**cpu, "XLA_FLAGS": two_devices})
     final_two, _ = _params(tmp_path / "two")
     assert final_two["devices"].startswith("2 x")
     np.testing.assert_allclose([r["train_bpd"] for r in two], [r["train_bpd"] for r in whole], rtol=1e-4)

@@ -212,6 +212,12 @@ class ActNorm(Bijector):
 # ----------------------------------------------------------------------------- 1x1 convolutions
 
 
+def exact_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in full float32: GPUs otherwise round float32 matmul inputs to TF32 (10-bit
+    mantissa), and a 1x1 convolution's inverse would then undo its forward only to ~1e-3."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _lu_factors(perm, lower, upper, log_s):
     """(P, L, U + diag(s)) broadcast to the batch shape of `lower` (..., C, C)."""
     c = log_s.shape[-1]
@@ -225,7 +231,7 @@ def _lu_factors(perm, lower, upper, log_s):
 def lu_matrix(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.Array) -> jax.Array:
     """A = P L (U + diag(s)), s = exp(log_s): L unit lower, U strictly upper (..., C, C)."""
     p_mat, l_mat, u_mat = _lu_factors(perm, lower, upper, log_s)
-    return p_mat @ l_mat @ u_mat
+    return exact_matmul(exact_matmul(p_mat, l_mat), u_mat)
 
 
 def lu_inverse(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.Array) -> jax.Array:
@@ -233,7 +239,8 @@ def lu_inverse(perm: np.ndarray, lower: jax.Array, upper: jax.Array, log_s: jax.
     p_mat, l_mat, u_mat = _lu_factors(perm, lower, upper, log_s)
     eye = jnp.broadcast_to(jnp.eye(log_s.shape[-1]), lower.shape)
     l_inv = jax.scipy.linalg.solve_triangular(l_mat, eye, lower=True, unit_diagonal=True)
-    return jax.scipy.linalg.solve_triangular(u_mat, l_inv, lower=False) @ jnp.swapaxes(p_mat, -1, -2)
+    return exact_matmul(jax.scipy.linalg.solve_triangular(u_mat, l_inv, lower=False),
+                        jnp.swapaxes(p_mat, -1, -2))
 
 
 def reverse_permutation(c: int) -> np.ndarray:
@@ -257,8 +264,8 @@ class InvConv1x1(Bijector):
         pixels = int(np.prod(x.shape[1:-1]))
         log_det = jnp.full(x.shape[:1], pixels * log_s.sum())
         if inverse:
-            return x @ lu_inverse(perm, lower, upper, log_s).T, -log_det
-        return x @ lu_matrix(perm, lower, upper, log_s).T, log_det
+            return exact_matmul(x, lu_inverse(perm, lower, upper, log_s).T), -log_det
+        return exact_matmul(x, lu_matrix(perm, lower, upper, log_s).T), log_det
 
 
 class ConditionalInvConv1x1(Bijector):
@@ -286,7 +293,7 @@ class ConditionalInvConv1x1(Bijector):
             log_det = -log_det
         else:
             a = lu_matrix(perm, lower, upper, log_s)
-        y_b = jnp.einsum("bij,b...j->b...i", a, x_b)
+        y_b = jnp.einsum("bij,b...j->b...i", a, x_b, precision=jax.lax.Precision.HIGHEST)
         return jnp.concatenate([x_a, y_b], -1), log_det
 
 
