@@ -1,8 +1,10 @@
-"""`python -m benchmarks --quick --json` runs and reports the documented JSON shape (not speed)."""
+"""`python -m benchmarks --quick --json` runs and reports the documented JSON shape (not speed).
+
+The run starts in the background when collection ends and runs beside the rest of the suite
+(`early_start`, tests/conftest.py), which only slows its timings; this test runs last."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,13 +25,18 @@ def _has_torch() -> bool:
     return True
 
 
+def quick_benchmarks(tmp):
+    """Started in the background when collection ends (`early_start`, tests/conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
+    return {"args": [sys.executable, "-m", "benchmarks", "--quick", "--json", "--out", str(tmp / "bench.json")],
+            "cwd": ROOT, "env": env, "timeout": 600}
+
+
 @pytest.mark.slow
-def test_quick_benchmark_json_shape(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", "--out",
-                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+@pytest.mark.early_start(command=quick_benchmarks)
+def test_quick_benchmark_json_shape(early_run):
+    out = early_run.tmp / "bench.json"
+    proc = early_run.result()
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report
@@ -52,6 +59,10 @@ def test_quick_benchmark_json_shape(tmp_path):
                 assert peer == {"missing": "torch not installed"}
                 assert case["ratios"][name] is None
                 continue
-            assert set(peer) == {"median", "min", "max"}, (case["name"], name, peer)
+            timing = {"median", "min", "max"}
+            if name in TORCH_PEERS:  # torch peers say where they ran (cuda when jaxdnn runs on a GPU)
+                timing.add("device")
+                assert peer["device"] in ("cpu", "cuda")
+            assert set(peer) == timing, (case["name"], name, peer)
             assert 0 < peer["min"] <= peer["median"] <= peer["max"]
             assert isinstance(case["ratios"][name], float) and case["ratios"][name] > 0

@@ -45,16 +45,33 @@ def test_layer_round_trip_shapes_and_finiteness(name, jit):
     chex.assert_tree_all_finite((y, log_det, x_back, inv_log_det))
     np.testing.assert_allclose(x_back, x, atol=1e-5)
     np.testing.assert_allclose(inv_log_det, -log_det, atol=1e-4, rtol=1e-5)
-    if jit:  # jit and eager agree
+    if jit:  # jit and eager agree (to TF32 rounding where GPUs convolve float32 in TF32)
         y_eager, ld_eager = mod.apply(params, x)
-        np.testing.assert_allclose(y, y_eager, atol=1e-5)
+        np.testing.assert_allclose(y, y_eager, atol=1e-5 if jax.default_backend() == "cpu" else 1e-3)
         np.testing.assert_allclose(log_det, ld_eager, atol=1e-4, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def model_params():
+def model_inits():
+    """(x, initialized parameters of each model, noise key): `init` is the models' costliest
+    compilation (seconds each), so it runs once per model for all the model tests."""
     x = random_input(jax.random.key(1), (2, 28, 28, 1), unit_interval=True)
-    return x, {n: perturbed_params(m, jax.random.key(2), x, scale=0.02) for n, m in MODELS.items()}
+    k_init, k_noise = jax.random.split(jax.random.key(2))  # as perturbed_params(m, key(2), x)
+    return x, {n: jax.jit(m.init)(k_init, x) for n, m in MODELS.items()}, k_noise
+
+
+@pytest.fixture(scope="module")
+def model_params(model_inits):
+    """(x, parameters of each model): perturbed_params(m, key(2), x, scale=0.02), reusing the
+    initialization."""
+    x, inits, k_noise = model_inits
+
+    def perturb(params, scale=0.02):
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(k_noise, len(leaves))
+        return tree.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
+
+    return x, {n: perturb(p) for n, p in inits.items()}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -91,12 +108,13 @@ def _zero_actnorm(params):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_identity_initialized_flow_is_the_base_density_after_preprocessing(name):
+def test_identity_initialized_flow_is_the_base_density_after_preprocessing(name, model_inits):
     """Zero-initialized conditioners make every coupling the identity; with ActNorm set to the
-    identity too, log p(x) is the prior density of the preprocessed x plus its log-det."""
+    identity too, log p(x) is the prior density of the preprocessed x plus its log-det. (With
+    ActNorm's data-dependent initialization zeroed, parameters initialized on other data serve.)"""
     model = MODELS[name]
     x = random_input(jax.random.key(4), (2, 28, 28, 1), unit_interval=True)
-    params = _zero_actnorm(model.init(jax.random.key(5), x))
+    params = _zero_actnorm(model_inits[1][name])
     log_prob = model.apply(params, x, method=model.log_prob)
     if name == "nice":  # no preprocessing, logistic prior
         z = x.reshape(2, -1)

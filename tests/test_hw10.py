@@ -1,14 +1,28 @@
-"""The main job end to end in --fast mode: every part runs, report and summary are written."""
+"""The main job end to end in --fast mode: every part runs, report and summary are written.
+
+The job (about 2 minutes) starts in the background when collection ends and runs beside the
+rest of the suite (`early_start`, tests/conftest.py); this test runs last and checks its output.
+Its parts are separate processes, run one after another, that share a fresh compilation cache
+(the two P6 runs, for one, compile the same programs)."""
 
 import json
-import subprocess
+import os
 import sys
 
+import pytest
+from conftest import compilation_cache_env
 
-def test_hw10_fast_writes_report_summary_and_figures(tmp_path):
+
+def hw10_fast(tmp):
+    return {"args": [sys.executable, "-m", "experiments.hw10", "--fast", "--out", str(tmp / "results")],
+            "env": {**os.environ, **compilation_cache_env(tmp / "jax_cache")}}
+
+
+@pytest.mark.early_start(command=hw10_fast)
+def test_hw10_fast_writes_report_summary_and_figures(early_run):
+    tmp_path = early_run.tmp
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "experiments.hw10", "--fast", "--out", str(out)],
-                          capture_output=True, text=True, check=False)
+    proc = early_run.result()
     assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert not [k for k, v in summary["parts"].items() if "error" in v]

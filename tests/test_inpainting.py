@@ -110,9 +110,10 @@ def test_annealed_reaches_the_constrained_minimizer(key):
     assert not np.array_equal(other, first)
 
 
-def test_langevin_estimates_the_posterior_mean(key):
+def test_langevin_estimates_the_posterior_mean(key, optimized_xla):
     """Independent Gaussian pixels restricted to [0, 1]: the posterior mean of a missing pixel
-    is the truncated normal's mean, in closed form."""
+    is the truncated normal's mean, in closed form. (Two runs of 800 steps of 2 x 32 chains:
+    running them dominates, so XLA optimizes this test's programs.)"""
     x = gaussian_images(2)
     mask = ip.make_mask("center")
     res = ip.inpaint(gaussian_log_prob, x, mask, key, method="langevin", lr=0.01, steps=800,
@@ -181,7 +182,8 @@ def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
     assert np.any(out[~obs] != init)  # the missing pixels moved
     # the losses are -log p of the iterates: the first one is the starting image's
     start = jnp.where(mask, x, init)
-    np.testing.assert_allclose(res.losses[:, 0], -jax.jit(flow_runs["lp"])(start), rtol=1e-4)
+    rtol = 1e-4 if jax.default_backend() == "cpu" else 1e-3  # GPUs: TF32 convolutions, other batch shape
+    np.testing.assert_allclose(res.losses[:, 0], -jax.jit(flow_runs["lp"])(start), rtol=rtol)
 
 
 def test_flow_batch_is_per_image(flow_runs):

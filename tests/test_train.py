@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import compilation_cache_env
 
 from jaxdnn import pretrained, train
 from jaxdnn.flows import build_model
@@ -45,9 +46,13 @@ def test_non_finite_update_is_skipped_and_counted():
 
 
 def _run(workdir, *extra, env=None):
+    """One training process; the runs of a test share a compilation cache (tmp/jax_cache, one
+    after the other), so a resumed run loads the programs the first run compiled."""
     cmd = [sys.executable, "-m", "experiments.train_flow", "--model", "nice", "--workdir", str(workdir), "--quiet",
            *TINY, "--config.steps=6", *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    cache = compilation_cache_env(workdir.parent / "jax_cache")
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **cache, **(env or {})},
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
