@@ -34,17 +34,16 @@ def torch_device() -> str:
     return "cuda" if gpu else "cpu"
 
 
-def _synced(fn, device: str):
-    """fn, followed by waiting for the GPU when torch runs there (timed calls must include it)."""
-    if device != "cuda":
-        return fn
-
+def _measure_torch(fn, device: str, work: float, repeats: int, **kwargs) -> dict:
+    """`measure` of a torch peer on `device`, each call followed by waiting for the GPU when
+    torch runs there (timed calls must include it); the result records the device."""
     def run():
         out = fn()
-        _torch().cuda.synchronize()
+        if device == "cuda":
+            _torch().cuda.synchronize()
         return out
 
-    return run
+    return {**measure(run, work, repeats, **kwargs), "device": device}
 
 
 def _peer(name: str, peers: dict, fn) -> None:
@@ -110,8 +109,8 @@ def sgd_tricks(quick: bool) -> dict:
         from benchmarks.peers import sgd_tricks_torch
 
         # Scalar work: torch's CPU is its fastest device for it, whatever jaxdnn runs on.
-        return {**measure(lambda: sgd_tricks_torch.run(iters, batch, sgd_tricks.DEFAULT_LR),
-                          iters, 5 if quick else 10), "device": "cpu"}
+        return _measure_torch(lambda: sgd_tricks_torch.run(iters, batch, sgd_tricks.DEFAULT_LR),
+                              "cpu", iters, 5 if quick else 10)
 
     _torch_peer("torch", peers, torch_loop)
     return {"name": "sgd_tricks", "unit": "iterations/s", "jaxdnn": ours, "peers": peers}
@@ -163,32 +162,21 @@ def inpainting(quick: bool) -> dict:
                    compile_time=True)
     peers: dict = {}
 
-    def torch_loop():
+    def torch_peer(method: str, n: int):
+        """inpainting_torch.<method> (the one-image loop `run`, or `run_batched`) on n images."""
         import torch
 
         from benchmarks.peers import inpainting_torch
 
         dev = torch_device()
         net = _torch_realnvp(dev)
-        imgs = torch.from_numpy(np.array(x[:n_peer])).permute(0, 3, 1, 2).contiguous().to(dev)
+        imgs = torch.from_numpy(np.array(x[:n])).permute(0, 3, 1, 2).contiguous().to(dev)
         m = torch.from_numpy(mask).permute(2, 0, 1).contiguous().to(dev)
-        run = _synced(lambda: inpainting_torch.run(net, imgs, m, steps=steps), dev)
-        return {**measure(run, n_peer, 5), "device": dev}
+        run = getattr(inpainting_torch, method)
+        return _measure_torch(lambda: run(net, imgs, m, steps=steps), dev, n, 5)
 
-    def torch_batched():
-        import torch
-
-        from benchmarks.peers import inpainting_torch
-
-        dev = torch_device()
-        net = _torch_realnvp(dev)
-        imgs = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().to(dev)
-        m = torch.from_numpy(mask).permute(2, 0, 1).contiguous().to(dev)
-        run = _synced(lambda: inpainting_torch.run_batched(net, imgs, m, steps=steps), dev)
-        return {**measure(run, n_images, 5), "device": dev}
-
-    _torch_peer("torch_loop", peers, torch_loop)
-    _torch_peer("torch_batched", peers, torch_batched)
+    _torch_peer("torch_loop", peers, lambda: torch_peer("run", n_peer))
+    _torch_peer("torch_batched", peers, lambda: torch_peer("run_batched", n_images))
     return {"name": "inpainting", "unit": "images/s", "jaxdnn": ours, "peers": peers}
 
 
@@ -232,7 +220,7 @@ def flow_train_step(quick: bool) -> dict:
         assert n_torch == n_params, f"parameter counts differ: torch {n_torch}, jaxdnn {n_params}"
         tstep = realnvp_torch.make_train_step(net)
         tb = torch.from_numpy(batch).to(dev)
-        return {**measure(_synced(lambda: tstep(tb), dev), batch_size, reps, warmup=2), "device": dev}
+        return _measure_torch(lambda: tstep(tb), dev, batch_size, reps, warmup=2)
 
     _torch_peer("torch", peers, torch_step)
     return {"name": "flow_train_step", "unit": "images/s", "jaxdnn": ours, "peers": peers}

@@ -9,7 +9,7 @@ from jax.scipy.stats import norm
 
 from jaxdnn.data import logit_transform
 from jaxdnn.flows import CONFIGS, build_model, layers
-from jaxdnn.flows.checks import layer_cases, logdet_check, model_cases, perturbed_params, random_input, to64
+from jaxdnn.flows.checks import layer_cases, logdet_check, model_cases, perturb, perturbed_params, random_input, to64
 
 LAYERS = layer_cases()
 MODELS = model_cases()
@@ -65,13 +65,7 @@ def model_params(model_inits):
     """(x, parameters of each model): perturbed_params(m, key(2), x, scale=0.02), reusing the
     initialization."""
     x, inits, k_noise = model_inits
-
-    def perturb(params, scale=0.02):
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(k_noise, len(leaves))
-        return tree.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
-
-    return x, {n: perturb(p) for n, p in inits.items()}
+    return x, {n: perturb(p, k_noise, scale=0.02) for n, p in inits.items()}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -52,13 +52,17 @@ def random_input(key: jax.Array, shape: tuple, unit_interval: bool = False) -> j
     return jax.random.normal(key, shape)
 
 
+def perturb(params, key: jax.Array, scale: float = 0.1):
+    """params plus N(0, scale^2) noise on every leaf."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
+
+
 def perturbed_params(module, key: jax.Array, x: jax.Array, scale: float = 0.1):
     """Initialized parameters plus noise, so no layer is the identity it starts as."""
     k_init, k_noise = jax.random.split(key)
-    params = jax.jit(module.init)(k_init, x)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(k_noise, len(leaves))
-    return tree.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
+    return perturb(jax.jit(module.init)(k_init, x), k_noise, scale)
 
 
 def logdet_check(apply_fn, x: jax.Array) -> tuple[float, float]:
