@@ -1,6 +1,7 @@
-"""Likelihood inpainting (P3): constraints hold exactly (observed pixels bit-for-bit, values in
-[0, 1]) for both methods on a tiny untrained flow, both methods reach the known constrained
-minimizer of a separable Gaussian, vmapped batches equal per-image calls, masks, metrics,
+"""Inpainting (P3): constraints hold exactly (observed pixels bit-for-bit, values in [0, 1])
+for every method on a tiny untrained flow, the pixel methods reach the known constrained
+minimizer (or posterior mean) of a separable Gaussian, the latent methods the closed-form
+posterior of a linear-Gaussian flow, vmapped batches equal per-image calls, masks, metrics,
 baselines against brute force, and the command line's errors.
 
 Compilation dominates the cost, so the flow runs once per method (module fixture) and the
@@ -24,6 +25,7 @@ from jaxdnn.flows import build_model
 
 TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
 FLOW_STEPS = 20
+FLOW_OPTIONS = {"latent": {"starts": 2}}  # fewer searches than the default 8: a fast test
 N_FLOW = 3
 MISSING = {"hw10": 105, "top_half": 392, "bottom_half": 392, "left_half": 392, "center": 196,
            "random50": 392}
@@ -62,13 +64,14 @@ def tiny_flow():
 @pytest.fixture(scope="module")
 def flow_runs():
     model, params = tiny_flow()
-    lp = ip.flow_log_prob(model, params)
+    flow = ip.as_flow(model, params)
     x = flow_images()
     mask = ip.make_mask("hw10")
     keys = jax.random.split(jax.random.key(2), N_FLOW)
-    runs = {m: ip.inpaint(lp, x, mask, keys, method=m, steps=FLOW_STEPS, return_losses=True)
-            for m in ip.METHODS}
-    return {"lp": lp, "x": x, "mask": mask, "keys": keys, "runs": runs, "flow": (model, params)}
+    runs = {m: ip.inpaint(flow, x, mask, keys, method=m, steps=FLOW_STEPS, return_losses=True,
+                          **FLOW_OPTIONS.get(m, {})) for m in ip.METHODS}
+    return {"flow": flow, "lp": flow.log_prob, "x": x, "mask": mask, "keys": keys, "runs": runs,
+            "model": (model, params)}
 
 
 # ----------------------------------------------------------------------------- a Gaussian
@@ -131,7 +134,7 @@ def test_langevin_estimates_the_posterior_mean(key, optimized_xla):
     np.testing.assert_array_equal(res.images, again)  # deterministic given the key
 
 
-@pytest.mark.parametrize("method", ip.METHODS)
+@pytest.mark.parametrize("method", ip.PIXEL_METHODS)
 def test_vmapped_batch_equals_per_image_calls(method, key):
     x = gaussian_images(3)
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "left_half", "bottom_half")])
@@ -156,7 +159,7 @@ def test_constraints_hold_even_with_nonfinite_gradients(key):
 
     x = gaussian_images(2)
     mask = ip.make_mask("random50", key)
-    for method in ip.METHODS:
+    for method in ip.PIXEL_METHODS:
         for init in (0.0, 1.0):
             out = np.asarray(ip.inpaint(nasty, x, mask, key, method=method, steps=5, init=init))
             obs = np.broadcast_to(np.asarray(mask), out.shape)
@@ -178,21 +181,109 @@ def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
     np.testing.assert_array_equal(out[obs], np.asarray(x)[obs])  # bit for bit
     assert out.dtype == np.float32
     assert np.all((out >= 0.0) & (out <= 1.0))
+    rtol = 1e-4 if jax.default_backend() == "cpu" else 1e-3  # GPUs: TF32 convolutions, other batch shape
+    if method in ip.LATENT_METHODS:
+        assert len(np.unique(out[~obs])) > 10  # decoded fills, not a constant
+        if method == "latent_map":  # the losses are E(z_k): the first one is E(0)
+            zeros = [jnp.zeros(s.shape) for s in jax.eval_shape(flow_runs["flow"].encode, x)]
+            hp = ip.LATENT_MAP_DEFAULTS
+            e0 = jax.jit(ip.latent_energy)(flow_runs["flow"], zeros, x, jnp.broadcast_to(mask, x.shape),
+                                           hp["noise_std"], hp["prior_weight"])
+            np.testing.assert_allclose(res.losses[:, 0], e0, rtol=rtol)
+        return
     init = ip.DEFAULTS[method]["init"]
     assert np.any(out[~obs] != init)  # the missing pixels moved
     # the losses are -log p of the iterates: the first one is the starting image's
     start = jnp.where(mask, x, init)
-    rtol = 1e-4 if jax.default_backend() == "cpu" else 1e-3  # GPUs: TF32 convolutions, other batch shape
     np.testing.assert_allclose(res.losses[:, 0], -jax.jit(flow_runs["lp"])(start), rtol=rtol)
 
 
 def test_flow_batch_is_per_image(flow_runs):
     """Reordering the batch (and its keys) reorders the results: images do not interact."""
     perm = np.array([2, 0, 1])
-    lp, x, mask, keys = flow_runs["lp"], flow_runs["x"], flow_runs["mask"], flow_runs["keys"]
+    flow, x, mask, keys = flow_runs["flow"], flow_runs["x"], flow_runs["mask"], flow_runs["keys"]
     for method in ip.METHODS:
-        out = ip.inpaint(lp, x[perm], mask, keys[perm], method=method, steps=FLOW_STEPS)
+        out = ip.inpaint(flow, x[perm], mask, keys[perm], method=method, steps=FLOW_STEPS,
+                         **FLOW_OPTIONS.get(method, {}))
         np.testing.assert_allclose(out, flow_runs["runs"][method].images[perm], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- latent space
+
+
+LIN_SHAPE = (4, 4, 1)
+
+
+def linear_gaussian_flow(seed: int = 4):
+    """x = MU_L + L z with z ~ N(0, I) on 4 x 4 images: a flow whose posterior given the observed
+    pixels is Gaussian, so its MAP and its posterior mean are one closed form."""
+    rng = np.random.default_rng(seed)
+    d = int(np.prod(LIN_SHAPE))
+    mu = jnp.asarray(rng.uniform(0.35, 0.65, d), jnp.float32)
+    lower = jnp.asarray(np.tril(rng.normal(0.0, 0.06, (d, d))) + 0.08 * np.eye(d), jnp.float32)
+
+    def decode(mu, lower, latents):
+        (z,) = latents
+        return (mu[None] + z.reshape(z.shape[0], -1) @ lower.T).reshape(-1, *LIN_SHAPE)
+
+    def encode(mu, lower, x):
+        r = x.reshape(x.shape[0], -1) - mu[None]
+        return [jax.scipy.linalg.solve_triangular(lower, r.T, lower=True).T.reshape(-1, *LIN_SHAPE)]
+
+    def prior_log_prob(latents):
+        (z,) = latents
+        return -0.5 * (z**2).reshape(z.shape[0], -1).sum(-1) - 0.5 * d * np.log(2 * np.pi)
+
+    def log_prob(mu, lower, x):
+        (z,) = encode(mu, lower, x)
+        return prior_log_prob([z]) - jnp.log(jnp.abs(jnp.diag(lower))).sum()
+
+    partial = jax.tree_util.Partial
+    return ip.Flow(partial(log_prob, mu, lower), partial(encode, mu, lower), partial(decode, mu, lower),
+                   partial(prior_log_prob)), np.asarray(mu), np.asarray(lower)
+
+
+def linear_gaussian_posterior_fill(mu, lower, y, observed, s):
+    """The missing pixels' posterior mean (= MAP) under x = mu + L z, y_O = x_O + s * noise."""
+    o = observed.reshape(-1)
+    lo = lower[o]
+    precision = lo.T @ lo / s**2 + np.eye(lower.shape[1])
+    z = np.linalg.solve(precision, lo.T @ (y.reshape(-1)[o] - mu[o]) / s**2)
+    return np.where(o, y.reshape(-1), mu + lower @ z).reshape(LIN_SHAPE)
+
+
+@pytest.mark.parametrize("method", ip.LATENT_METHODS)
+def test_latent_methods_reach_the_linear_gaussian_posterior(method, key):
+    flow, mu, lower = linear_gaussian_flow()
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0.3, 0.7, (2, *LIN_SHAPE)).astype(np.float32)
+    masks = rng.random((2, *LIN_SHAPE)) < 0.5
+    s = 0.1
+    out = ip.inpaint(flow, images, masks, key, method=method, steps=400, noise_std=s,
+                     **({"starts": 3} if method == "latent" else {}))
+    for i in range(2):
+        want = linear_gaussian_posterior_fill(mu, lower, images[i], masks[i], s)
+        np.testing.assert_allclose(out[i], want, atol=2e-3)
+
+
+def test_latent_starts_from_the_nearest_reference_images(flow_runs):
+    """With a reference set the searches start from encodings of the nearest images: no key
+    needed, deterministic, and zero steps return the mean of those starts' decodings, which for
+    an exact flow is the k-nearest mean itself."""
+    flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
+    reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
+    margin = ip.latent.START_MARGIN
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference)
+    want = ip.knn_mean(x, mask, jnp.clip(reference, margin, 1 - margin), k=3)
+    np.testing.assert_allclose(zero, want, atol=1e-4)
+    out = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
+    np.testing.assert_array_equal(out, ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS,
+                                                  starts=3, reference=reference))
+    obs = np.broadcast_to(np.asarray(mask), out.shape)
+    np.testing.assert_array_equal(np.asarray(out)[obs], np.asarray(x)[obs])
+    assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1))
+    with pytest.raises(ValueError, match="fewer than starts"):
+        ip.inpaint(flow, x, mask, None, method="latent", starts=20, reference=reference)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -242,6 +333,8 @@ def test_random50_is_keyed_and_batch_masks_follow_indices(key):
     ({"steps": -1}, "steps"),
     ({"init": 2.0}, "init"),
     ({"method": "pgd", "noise": 0.1}, "unknown options"),
+    ({"method": "latent_map"}, "decoder"),
+    ({"method": "pgd", "reference": np.zeros((3, 28, 28, 1), np.float32)}, "reference"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     args = {"image": np.full((28, 28, 1), 0.5, np.float32), "mask": ip.make_mask("hw10"),
@@ -285,6 +378,21 @@ def test_mean_fill_and_nearest_neighbor_against_brute_force():
         ip.nearest_neighbor(queries, masks, train[..., 0])
 
 
+def test_nearest_training_images_and_knn_mean_against_brute_force():
+    rng = np.random.default_rng(2)
+    train = rng.random((41, 5, 5, 1), np.float32)
+    queries = rng.random((7, 5, 5, 1), np.float32)
+    masks = rng.random((7, 5, 5, 1)) < 0.6
+    d = (((queries[:, None] - train[None]) ** 2) * masks[:, None]).sum((2, 3, 4))
+    want = np.argsort(d, 1, kind="stable")[:, :4]
+    for chunk in (6, 64):  # several padded chunks, and one
+        np.testing.assert_array_equal(ip.nearest_training_images(queries, masks, train, 4, chunk_size=chunk), want)
+    np.testing.assert_allclose(ip.knn_mean(queries, masks, train, k=4),
+                               np.where(masks, queries, train[want].mean(1)), rtol=1e-6)
+    with pytest.raises(ValueError, match="k must be"):
+        ip.nearest_training_images(queries, masks, train, 42)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -324,7 +432,7 @@ def test_cli_module_exits_2_without_traceback():
 
 def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     """The whole script on the tiny flow and synthetic data (reuses the fixture's compile)."""
-    monkeypatch.setattr(cli.pretrained, "load", lambda name: flow_runs["flow"])
+    monkeypatch.setattr(cli.pretrained, "load", lambda name: flow_runs["model"])
 
     def fake_mnist(split):
         pix = synthetic_pixels(11 if split == "train" else 12, 40 if split == "train" else 10)
@@ -337,7 +445,8 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert tuple(out) == cli.JSON_KEYS
     assert out["images"] == f"2:{2 + N_FLOW}" and out["mask"] == "hw10"
-    assert set(out["baselines"]) == {"mean_fill", "nearest_neighbor"}
+    assert set(out["baselines"]) == {"mean_fill", "nearest_neighbor", "knn_mean"}
+    assert out["steps"] == FLOW_STEPS
     for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
         assert np.isfinite(v)
-    assert (tmp_path / "inpaint_glow_hw10_pgd.png").stat().st_size > 0
+    assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0

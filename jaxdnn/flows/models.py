@@ -81,11 +81,15 @@ class MultiScaleFlow(nn.Module):
             h, _ = self.preprocess(h, inverse=True)
         return h
 
+    def prior_log_prob(self, latents: Sequence[jax.Array]):
+        """log p_Z of every latent under the prior, summed per example, shape (B,)."""
+        prior = self._prior()
+        return sum(prior.log_prob(z).reshape(z.shape[0], -1).sum(-1) for z in latents)
+
     def log_prob(self, x):
         """log p(x) in nats, shape (B,)."""
         latents, log_det = self.encode(x)
-        prior = self._prior()
-        return log_det + sum(prior.log_prob(z).reshape(z.shape[0], -1).sum(-1) for z in latents)
+        return log_det + self.prior_log_prob(latents)
 
     def latent_shapes(self):
         """Per-example shapes of the latents `encode` returns."""

@@ -1,0 +1,212 @@
+"""Inpainting with a flow (Problem 3): fill the missing pixels of X_true given the observed ones.
+
+    minimize_X  -log p(X)   subject to  M*X = M*X_true,  0 <= X <= 1     (M: 1 = observed)
+
+One entry point, `inpaint(flow, image, mask, key, method=...)`, over five methods in two
+families, every one ending inside the constraint set C (observed pixels bit-for-bit, values in
+[0, 1]) and running on the whole batch in jitted chunks:
+
+- pixel space (`pixel.py`): ``pgd`` (the course: 300 projected gradient steps of 1e-3 from
+  missing pixels at 1), ``annealed`` (projected, Adam-preconditioned Langevin with annealing),
+  ``langevin`` (posterior mean of Langevin chains in logit coordinates);
+- latent space (`latent.py`): ``latent_map`` (the MAP of the flow's latents given the observed
+  pixels, decoded) and ``latent`` (the average of several such searches: the posterior mean
+  that PSNR rewards).
+
+Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdnn.inpainting import latent, pixel
+from jaxdnn.inpainting.baselines import (
+    KNN,
+    knn_mean,
+    mean_fill,
+    nearest_neighbor,
+    nearest_training_images,
+    pixel_mean,
+)
+from jaxdnn.inpainting.latent import LATENT_DEFAULTS, LATENT_MAP_DEFAULTS, Flow, as_flow, latent_energy
+from jaxdnn.inpainting.masks import (
+    IMAGE_SHAPE,
+    MASKS,
+    batch_masks,
+    check_images,
+    check_mask,
+    make_mask,
+    masked_mse,
+    masked_psnr,
+)
+from jaxdnn.inpainting.pixel import (
+    ANNEALED_DEFAULTS,
+    LANGEVIN_DEFAULTS,
+    PGD_DEFAULTS,
+    annealed_optimizer,
+    pgd_optimizer,
+)
+
+__all__ = [
+    "ANNEALED_DEFAULTS", "BASELINES", "DEFAULTS", "IMAGE_SHAPE", "KNN", "LANGEVIN_DEFAULTS", "LATENT_DEFAULTS",
+    "LATENT_MAP_DEFAULTS", "LATENT_METHODS", "MASKS", "METHODS", "PGD_DEFAULTS", "PIXEL_METHODS", "STEPS",
+    "Flow", "InpaintResult", "annealed_optimizer", "as_flow", "batch_masks", "check_images", "check_mask", "evaluate",
+    "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
+    "mean_fill", "nearest_neighbor", "nearest_training_images", "pgd_optimizer", "pixel_mean",
+]
+
+PIXEL_METHODS = ("pgd", "annealed", "langevin")
+LATENT_METHODS = ("latent_map", "latent")
+METHODS = PIXEL_METHODS + LATENT_METHODS
+DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANGEVIN_DEFAULTS,
+            "latent_map": LATENT_MAP_DEFAULTS, "latent": LATENT_DEFAULTS}
+STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 60}  # per search
+_COUNTS = {"chains", "starts"}  # integer options (static: they set shapes or loop counts)
+
+
+class InpaintResult(NamedTuple):
+    """images: the inpainted images (shape of the input); losses (B, steps) (or (steps,) for one
+    image): -log p(x_k) in nats at each iterate a step was taken from (pixel methods), or the
+    latent energy E(z_k) (latent methods, mean over the starts)."""
+
+    images: jax.Array
+    losses: jax.Array
+
+
+def flow_log_prob(model, params) -> jax.tree_util.Partial:
+    """`x (B, H, W, C) -> log p(x) (B,)` of a Flax flow, for the pixel methods (`as_flow(...).log_prob`)."""
+    return as_flow(model, params).log_prob
+
+
+def inpaint(flow: Flow | Callable[[jax.Array], jax.Array], image, mask, key=None,
+            method: str = "pgd", steps: int | None = None, lr: float | None = None, *,
+            init: float | None = None, reference=None, return_losses: bool = False, **options):
+    """Inpaints the missing pixels (mask False / 0) of `image`.
+
+    flow: `as_flow(model, params)` for a Flax flow (every method), or any log-density
+        `x (B, H, W, C) -> log p(x) (B,)` (pixel methods only: the latent ones need the decoder).
+    image: float (H, W, C) or a batch (B, H, W, C), values in [0, 1].
+    mask: bool or 0/1, shape (H, W, C) (shared by the batch) or (B, H, W, C); 1 = observed.
+    key: one key (split into one per image) or a (B,) array of keys; image i of a batch called
+        with keys k gives the same result as a call on that image with k[i]. Needed by
+        "annealed", "langevin" and "latent" without `reference`; unused (may be None) otherwise.
+    method: one of `METHODS` (see the module docstring). steps: iterations (per search for the
+        latent methods); None: `STEPS[method]` (300 for the course's pgd). lr: step size; None:
+        `DEFAULTS[method]["lr"]`. init: starting value of the missing pixels (pixel methods).
+    reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
+        pixels start the searches (recommended); None starts from scaled prior noise.
+    options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts).
+
+    Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
+    `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
+    model, shape, method and step count (hyperparameter values do not trigger recompilation).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    steps = STEPS[method] if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    hp, counts = _hyperparameters(method, lr, init, options)
+    if method in LATENT_METHODS and not isinstance(flow, Flow):
+        raise ValueError(f"method {method!r} searches the flow's latents and needs its decoder: pass "
+                         "jaxdnn.inpainting.as_flow(model, params), not a log-density function")
+    log_prob = flow.log_prob if isinstance(flow, Flow) else flow
+    if not callable(log_prob):
+        raise ValueError(f"flow must be a Flow or a log-density function, got {type(flow).__name__}")
+    if reference is not None and method != "latent":
+        raise ValueError(f"reference is used by method 'latent' only, not {method!r}")
+
+    image = check_images(image, "image")
+    single = image.ndim == 3
+    images = image[None] if single else image
+    if images.ndim != 4:
+        raise ValueError(f"image must have shape (H, W, C) or (B, H, W, C), got {image.shape}")
+    masks = check_mask(mask, image.shape, "mask")
+    masks = masks[None] if single else masks
+    n = images.shape[0]
+    if reference is not None:
+        reference = check_images(reference, "reference")
+        if reference.ndim != 4 or reference.shape[1:] != images.shape[1:]:
+            raise ValueError(f"reference must have shape (N, {', '.join(map(str, images.shape[1:]))}), "
+                             f"got {reference.shape}")
+        if reference.shape[0] < counts.get("starts", 1):
+            raise ValueError(f"reference has {reference.shape[0]} images, fewer than starts={counts['starts']}")
+    needs_key = method in ("annealed", "langevin") or (method == "latent" and reference is None)
+    if needs_key and key is None:
+        raise ValueError(f"method {method!r} needs a key")
+    keys = _image_keys(key, n, single) if key is not None else jax.random.split(jax.random.key(0), n)
+
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    steps = int(steps)
+    if method in ("pgd", "annealed"):
+        out, losses = pixel.mode_search(_partial(log_prob), images, masks, keys, hp, method, steps)
+    elif method == "langevin":
+        out, losses = pixel.langevin(_partial(log_prob), images, masks, keys, hp, steps, counts["chains"])
+    elif method == "latent_map":
+        out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hp, steps)
+    else:
+        out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hp, steps,
+                             counts["starts"], reference)
+    if single:
+        out, losses = out[0], losses[0]
+    return InpaintResult(out, losses) if return_losses else out
+
+
+def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
+    """(float hyperparameters, integer counts) of `method`, validated, defaults filled in."""
+    defaults = DEFAULTS[method]
+    allowed = set(defaults) - {"lr", "init"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)} for method {method!r}; it takes {sorted(allowed)}")
+    hp = {**defaults, **options}
+    if lr is not None:
+        hp["lr"] = lr
+    if init is not None:
+        if "init" not in defaults:
+            raise ValueError(f"init is the starting pixel value of the pixel methods, not of {method!r}")
+        hp["init"] = init
+    counts = {k: hp.pop(k) for k in _COUNTS & set(hp)}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in hp.items():
+        if not (isinstance(value, jax.core.Tracer) or math.isfinite(float(value))):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    concrete = {k: float(v) for k, v in hp.items() if not isinstance(v, jax.core.Tracer)}
+    if "init" in concrete and not 0.0 <= concrete["init"] <= 1.0:
+        raise ValueError(f"init must lie in [0, 1], got {hp['init']!r}")
+    if not 0.0 <= concrete.get("margin", 0.0) < 0.5:
+        raise ValueError(f"margin must lie in [0, 0.5), got {hp['margin']!r}")
+    if concrete.get("noise_std", 1.0) <= 0.0:
+        raise ValueError(f"noise_std must be > 0, got {hp['noise_std']!r}")
+    return hp, counts
+
+
+def _partial(log_prob) -> jax.tree_util.Partial:
+    """A log-density as a pytree (its arrays become jit arguments, not baked-in constants)."""
+    return log_prob if isinstance(log_prob, jax.tree_util.Partial) else jax.tree_util.Partial(log_prob)
+
+
+def _image_keys(key, n: int, single: bool) -> jax.Array:
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):  # raw jax.random.PRNGKey
+            key = jax.random.wrap_key_data(key)
+        else:
+            raise ValueError(f"key must be a jax.random.key, got dtype {key.dtype}")
+    if key.ndim == 0:
+        return key[None] if single else jax.random.split(key, n)
+    if key.shape != (n,):
+        raise ValueError(f"key must be one key or one per image ({n},), got shape {key.shape}")
+    return key
+
+
+from jaxdnn.inpainting.scoring import BASELINES, evaluate  # noqa: E402  (scoring uses inpaint above)

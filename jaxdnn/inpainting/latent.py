@@ -1,0 +1,170 @@
+"""Latent-space inpainting: search the flow's latents z, not the pixels (Asim et al., ICML 2020,
+"Invertible generative models for inverse problems").
+
+With x = decode(z), the posterior of the latents given the observed pixels y = M*X_true under
+Gaussian observation noise of std `noise_std` (s) is p(z | y) ~ exp(-E(z)),
+
+    E(z) = ||M * (decode(z) - y)||^2 / (2 s^2) - prior_weight * log p_Z(z),
+
+summed over every level's latents (log p_Z(z) = -||z||^2 / 2 + const for a standard normal
+prior). Maximizing log p(x) over pixels is mode-seeking and its log-determinant terms reward
+saturated, simple images; in latent space the prior term is a plain ||z||^2, whose small-norm
+points decode to typical digits, and the decoder keeps every candidate on the flow's manifold.
+
+- ``latent_map``: argmin E from z = 0 (the prior's mode) by Adam, `steps` steps.
+- ``latent``: the estimate PSNR rewards, the posterior mean of the missing pixels,
+  approximated by averaging the decoded fills of `starts` such searches from different starts:
+  the encodings of the `starts` training images nearest on the observed pixels when a
+  `reference` set is given (diverse, plausible modes), else `init_scale` times prior noise.
+
+Both end with the projection onto C (observed pixels exact, values clipped to [0, 1]). Every
+step is E's gradient through the decoder, so one step costs about one pixel-space step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdnn.inpainting.baselines import nearest_training_images
+from jaxdnn.inpainting.chunks import run_chunks
+
+__all__ = ["LATENT_DEFAULTS", "LATENT_MAP_DEFAULTS", "Flow", "as_flow", "latent", "latent_energy",
+           "latent_map"]
+
+# Chosen on training images 59000..59031 (a validation split; README "Inpainting"): Adam step,
+# observation noise std s (pixel units), weight of the prior term.
+LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0}
+# ... and for `latent`: searches per image, std of the random starts used without a reference set.
+LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0, "starts": 8, "init_scale": 0.7}
+START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
+
+
+class Flow(NamedTuple):
+    """A flow as the inpainting methods see it: pure functions (`jax.tree_util.Partial`) whose
+    leaves are its parameters, so jitted code takes them as arguments and compiles once.
+
+    log_prob: x (B, H, W, C) -> (B,); encode: x -> list of latents; decode: latents -> x;
+    prior_log_prob: latents -> (B,), the log-density of the latents under the prior."""
+
+    log_prob: jax.tree_util.Partial
+    encode: jax.tree_util.Partial
+    decode: jax.tree_util.Partial
+    prior_log_prob: jax.tree_util.Partial
+
+
+@functools.cache
+def _methods(model):
+    def log_prob(params, x):
+        return model.apply(params, x, method=model.log_prob)
+
+    def encode(params, x):
+        return model.apply(params, x, method=model.encode)[0]
+
+    def decode(params, latents):
+        return model.apply(params, list(latents), method=model.decode)
+
+    def prior_log_prob(params, latents):
+        return model.apply(params, list(latents), method=model.prior_log_prob)
+
+    return log_prob, encode, decode, prior_log_prob
+
+
+def as_flow(model, params) -> Flow:
+    """The `Flow` of a Flax flow from `jaxdnn.flows` (one compilation per model and shape)."""
+    return Flow(*(jax.tree_util.Partial(f, params) for f in _methods(model)))
+
+
+def latent_energy(flow: Flow, latents, images, masks, noise_std, prior_weight) -> jax.Array:
+    """E(z) per image (B,): the observed pixels' squared misfit / (2 s^2) minus the weighted
+    prior log-density. latents: as `flow.encode` returns; images (B, H, W, C); masks bool."""
+    x = flow.decode(latents)
+    misfit = jnp.where(masks, x - images, 0.0) ** 2
+    return (misfit.reshape(x.shape[0], -1).sum(-1) / (2.0 * noise_std**2)
+            - prior_weight * flow.prior_log_prob(latents))
+
+
+def _finish(flow: Flow, latents, images, masks):
+    """decode(z) projected onto C: observed pixels exact, missing ones clipped to [0, 1]."""
+    x = jnp.clip(jnp.nan_to_num(flow.decode(latents)), 0.0, 1.0)
+    return jnp.where(masks, images, x)
+
+
+@jax.jit
+def _adam_init(hp, latents):
+    return optax.adam(hp["lr"]).init(latents)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "unroll"))
+def _advance(flow, images, masks, hp, carry, first, chunk, unroll):
+    """`chunk` Adam steps on E from carry = (latents, Adam state); returns E at each step's
+    starting point (B, chunk)."""
+    del first  # Adam keeps its own step count
+    opt = optax.adam(hp["lr"])
+
+    def step(c, _):
+        z, state = c
+        values, vjp = jax.vjp(
+            lambda v: latent_energy(flow, v, images, masks, hp["noise_std"], hp["prior_weight"]), z)
+        (grad,) = vjp(jnp.ones_like(values))
+        grad = jax.tree.map(jnp.nan_to_num, grad)
+        updates, state = opt.update(grad, state, z)
+        return (optax.apply_updates(z, updates), state), values
+
+    carry, losses = jax.lax.scan(step, carry, None, length=chunk, unroll=chunk if unroll else 1)
+    return carry, losses.T
+
+
+def _search(flow, images, masks, hp, latents, steps):
+    """Adam on E from `latents` for `steps` steps -> (fill (B, H, W, C), energies (B, steps))."""
+    carry = (latents, _adam_init(hp, latents))
+    (z, _), losses = run_chunks(
+        lambda c, first, n, unroll: _advance(flow, images, masks, hp, c, first, n, unroll),
+        carry, steps, images.shape[0])
+    return _finish_jit(flow, z, images, masks), losses
+
+
+_finish_jit = jax.jit(_finish)
+_encode = jax.jit(lambda flow, x: flow.encode(x))
+
+
+def latent_map(flow: Flow, images, masks, hp, steps: int):
+    """The MAP fill from z = 0: (fill (B, H, W, C), E per step (B, steps))."""
+    shapes = jax.eval_shape(flow.encode, images)
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    return _search(flow, images, masks, hp, zeros, steps)
+
+
+def latent(flow: Flow, images, masks, keys, hp, steps: int, starts: int, reference=None):
+    """The average of `starts` searches' fills (B, H, W, C) and their mean E per step (B, steps).
+
+    reference: float training images (N, H, W, C): search k starts from the encoding of the
+    k-th nearest on the observed pixels; None: from `init_scale` * N(0, I) drawn from
+    fold_in(keys[b], k) for image b."""
+    if reference is not None:
+        nearest = nearest_training_images(images, masks, reference, starts)  # (B, starts)
+    shapes = jax.eval_shape(flow.encode, images)
+    total, losses = 0.0, 0.0
+    for k in range(starts):
+        if reference is not None:
+            start = jnp.clip(jnp.asarray(reference)[nearest[:, k]], START_MARGIN, 1.0 - START_MARGIN)
+            z0 = _encode(flow, start)
+        else:
+            z0 = _prior_noise(keys, k, tuple(s.shape[1:] for s in shapes), hp["init_scale"])
+        fill, loss = _search(flow, images, masks, hp, z0, steps)
+        total, losses = total + fill, losses + loss
+    fill = total / starts
+    return jnp.where(masks, images, fill), losses / starts
+
+
+@functools.partial(jax.jit, static_argnames=("k", "shapes"))
+def _prior_noise(keys, k, shapes, scale):
+    def one(key):
+        parts = jax.random.split(jax.random.fold_in(key, k), len(shapes))
+        return [scale * jax.random.normal(p, s) for p, s in zip(parts, shapes, strict=True)]
+
+    return jax.vmap(one)(keys)
