@@ -180,7 +180,16 @@ def main(argv=None) -> int:
 
 
 def command_line(argv) -> str:
-    return " ".join(["python -m experiments.train_flow", *(sys.argv[1:] if argv is None else argv)])
+    """The invocation as a card records it: without --workdir, which names a path on one machine
+    and does not change the result."""
+    args, out = list(sys.argv[1:] if argv is None else argv), []
+    while args:
+        arg = args.pop(0)
+        if arg == "--workdir":
+            args = args[1:]
+        elif not arg.startswith("--workdir="):
+            out.append(arg)
+    return " ".join(["python -m experiments.train_flow", *out])
 
 
 def record_stage(path: Path, argv, start: int, steps: int) -> None:

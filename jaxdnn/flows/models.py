@@ -70,16 +70,22 @@ class MultiScaleFlow(nn.Module):
         latents.append(h)
         return latents, log_det
 
-    def decode(self, latents: Sequence[jax.Array]):
-        """The inverse of `encode` (its log_det is not needed): latents -> x (B, 28, 28, 1)."""
-        h = latents[-1]
+    def decode_and_log_det(self, latents: Sequence[jax.Array]):
+        """The inverse of `encode`: latents -> (x (B, 28, 28, 1), log|det dx/dz| (B,))."""
+        h, log_det = latents[-1], 0.0
         for i in reversed(range(len(self.levels))):
             if i < len(self.levels) - 1:
                 h = jnp.concatenate([h, latents[i]], -1)
-            h, _ = self.levels[i](h, inverse=True)
+            h, ld = self.levels[i](h, inverse=True)
+            log_det = log_det + ld
         if self.preprocess is not None:
-            h, _ = self.preprocess(h, inverse=True)
-        return h
+            h, ld = self.preprocess(h, inverse=True)
+            log_det = log_det + ld
+        return h, log_det
+
+    def decode(self, latents: Sequence[jax.Array]):
+        """The inverse of `encode`: latents -> x (B, 28, 28, 1) (XLA drops the unused log-det)."""
+        return self.decode_and_log_det(latents)[0]
 
     def prior_log_prob(self, latents: Sequence[jax.Array]):
         """log p_Z of every latent under the prior, summed per example, shape (B,)."""

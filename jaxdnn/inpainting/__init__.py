@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdnn.flows.distribution import FlowDistribution
 from jaxdnn.inpainting import latent, pixel
 from jaxdnn.inpainting.baselines import (
     KNN,
@@ -85,13 +86,14 @@ def flow_log_prob(model, params) -> jax.tree_util.Partial:
     return as_flow(model, params).log_prob
 
 
-def inpaint(flow: Flow | Callable[[jax.Array], jax.Array], image, mask, key=None,
+def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], image, mask, key=None,
             method: str = "pgd", steps: int | None = None, lr: float | None = None, *,
             init: float | None = None, reference=None, return_losses: bool = False, **options):
     """Inpaints the missing pixels (mask False / 0) of `image`.
 
-    flow: `as_flow(model, params)` for a Flax flow (every method), or any log-density
-        `x (B, H, W, C) -> log p(x) (B,)` (pixel methods only: the latent ones need the decoder).
+    flow: a `FlowDistribution` (e.g. `jaxdnn.pretrained.load_distribution("glow")`) or
+        `as_flow(model, params)` (every method), or any log-density `x (B, H, W, C) -> log p(x) (B,)`
+        (pixel methods only: the latent ones need the flow's decoder).
     image: float (H, W, C) or a batch (B, H, W, C), values in [0, 1].
     mask: bool or 0/1, shape (H, W, C) (shared by the batch) or (B, H, W, C); 1 = observed.
     key: one key (split into one per image) or a (B,) array of keys; image i of a batch called
@@ -114,9 +116,11 @@ def inpaint(flow: Flow | Callable[[jax.Array], jax.Array], image, mask, key=None
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     hp, counts = _hyperparameters(method, lr, init, options)
+    if isinstance(flow, FlowDistribution):
+        flow = as_flow(flow.model, flow.params)
     if method in LATENT_METHODS and not isinstance(flow, Flow):
-        raise ValueError(f"method {method!r} searches the flow's latents and needs its decoder: pass "
-                         "jaxdnn.inpainting.as_flow(model, params), not a log-density function")
+        raise ValueError(f"method {method!r} searches the flow's latents and needs its decoder: pass a "
+                         "FlowDistribution or jaxdnn.inpainting.as_flow(model, params), not a log-density function")
     log_prob = flow.log_prob if isinstance(flow, Flow) else flow
     if not callable(log_prob):
         raise ValueError(f"flow must be a Flow or a log-density function, got {type(flow).__name__}")

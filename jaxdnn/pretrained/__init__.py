@@ -1,4 +1,5 @@
-"""Pretrained flows shipped inside the package: `load(name) -> (model, params)`, no network.
+"""Pretrained flows shipped inside the package, no network: `load(name) -> (model, params)` and
+`load_distribution(name)`, the same flow as a jitted `distrax.Distribution` over images.
 
 Each model has `<name>.msgpack` (Flax-serialized parameters) and `<name>.json` (its card:
 config, the exact training command, steps, wall time, hardware, test-set bits/dim).
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import serialization
 
 from jaxdnn.flows import build_model
+from jaxdnn.flows.distribution import FlowDistribution
 
 _HERE = resources.files(__name__)
 
@@ -42,6 +44,13 @@ def load(name: str):
     blob = (_HERE / f"{name}.msgpack").read_bytes()
     params = serialization.from_bytes(template, blob)
     return model, jax.tree.map(jnp.asarray, params)
+
+
+def load_distribution(name: str) -> FlowDistribution:
+    """The shipped model `name` as a `distrax.Distribution` over images (event shape (28, 28, 1),
+    values in [0, 1]): `log_prob`, `sample(seed=..., sample_shape=...)`, `sample_and_log_prob`,
+    and `.bijector`, the flow as a `distrax.Bijector` from packed latents to images."""
+    return FlowDistribution(*load(name))
 
 
 def export(params, info: dict, name: str, directory: str | os.PathLike | None = None) -> Path:
