@@ -31,6 +31,7 @@ one_cpu_device_per_core()  # the sharded paths use every core
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxdnn import distributed  # noqa: E402
 from jaxdnn import gamblers_ruin as gr  # noqa: E402
 
 PROG = "python -m experiments.gamblers_ruin"
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--p", type=_fraction, default=18 / 37,
                     help="win probability, fraction or decimal (default 18/37)")
     ap.add_argument("--games", type=_int, default=600, help="games at most (default 600)")
+    distributed.add_arguments(ap)
     ap.add_argument("--paths", type=_int, default=3000, help="simulated paths (default 3000)")
     ap.add_argument("--proposal", default="constant",
                     choices=("naive", "constant", "optimal", "state"),
@@ -162,6 +164,9 @@ def _sweep(a, problem, key, out: Path) -> Path | None:
     ax.set_ylabel("relative error per path")
     ax.set_title(f"Gambler's ruin {a.start}->{a.target}, p = {a.p:.4f}, {a.games} games")
     ax.legend(fontsize=8)
+    if not distributed.is_main():  # every process computed the sweep; process 0 writes it
+        plt.close(fig)
+        return None
     return save_figure(fig, out / "gamblers_ruin_sweep.png")
 
 
@@ -172,6 +177,7 @@ def _finite(v):
 def main(argv=None) -> int:
     try:
         a = parse_args(argv)
+        distributed.initialize_from_args(a, PROG)  # before anything touches a JAX backend
     except SystemExit as e:
         return int(e.code or 0)
     problem = {"start": a.start, "target": a.target, "p": a.p, "games": a.games}
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
                _finite(r.relative_error), "relative_error_per_path_exact": _finite(rel_exact),
                "proposal": a.proposal, "q": q_json, "paths": a.paths, "paths_per_second": pps}
         assert tuple(out) == JSON_KEYS
-        print(json.dumps(out))
+        if distributed.is_main():
+            print(json.dumps(out))
         return 0
     devices = jax.devices()
     n_paths = f"{a.paths} paths"
@@ -231,6 +238,8 @@ def main(argv=None) -> int:
                      f"needs {n_naive:.3g} paths"))
     if figure:
         rows.append(("sweep figure", str(figure)))
+    if not distributed.is_main():
+        return 0
     print(f"Gambler's ruin: start {a.start}, target {a.target}, p = {a.p:.6g}, "
           f"at most {a.games} games")
     width = max(len(k) for k, _ in rows) + 2

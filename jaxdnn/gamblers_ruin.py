@@ -69,6 +69,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxdnn.distributed import gather
+
 __all__ = [
     "COURSE",
     "TILE",
@@ -685,7 +687,7 @@ def estimate(key, paths: int, proposal=0.55, *, start=100, target=200, p=18 / 37
         k = min(per_call, n_chunks - c0)
         outs.append(program(key, np.int32(c0), np.int32(k),
                             np.int32(min(paths - c0 * chunk, k * chunk)), params))
-    return _summarize(np.concatenate([np.asarray(o) for o in outs]), offset, paths)
+    return _summarize(np.concatenate([gather(o) for o in outs]), offset, paths)  # spans processes: gather
 
 
 # ----------------------------------------------------------------------------- adaptive q
