@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from experiments.common import ArgumentParser, fail, parse_overrides, save_figure
 from jaxdnn import train
+from jaxdnn.config import Field, check_config
 from jaxdnn.data import batches, load_mnist
-from jaxdnn.flows import CONFIGS, MODELS, build_model
+from jaxdnn.flows import MODELS, build_model, config_schema
 
 TRAIN_DEFAULTS = dict(
     batch_size=64, lr=1e-3, steps=5000, warmup=300, clip=100.0, seed=0,
@@ -27,15 +28,19 @@ TRAIN_DEFAULTS = dict(
 )
 
 
+TRAIN_SCHEMA = {k: Field(type(v), v) for k, v in TRAIN_DEFAULTS.items()}
+
+
 def split_config(model_name: str, overrides: dict, prog: str) -> tuple[dict, dict]:
-    model_keys = set(MODELS[model_name].__dataclass_fields__) - {"parent", "name"}
-    unknown = set(overrides) - model_keys - set(TRAIN_DEFAULTS)
-    if unknown:
-        fail(prog, f"unknown --config keys {sorted(unknown)}; model keys: {sorted(CONFIGS[model_name])},"
-             f" training keys: {sorted(TRAIN_DEFAULTS)}")
-    model_cfg = {**CONFIGS[model_name], **{k: v for k, v in overrides.items() if k in model_keys}}
-    train_cfg = {**TRAIN_DEFAULTS, **{k: v for k, v in overrides.items() if k in TRAIN_DEFAULTS}}
-    return model_cfg, train_cfg
+    """(model config, training config) from `--config.KEY=VALUE` overrides, both typed and
+    checked: a bad key, type or value exits 2 with one line."""
+    model_schema = config_schema(model_name)
+    try:
+        cfg = check_config(f"--config ({model_name})", {**model_schema, **TRAIN_SCHEMA}, overrides)
+    except ValueError as e:
+        fail(prog, str(e))
+    return ({k: v for k, v in cfg.items() if k in model_schema},
+            {k: v for k, v in cfg.items() if k not in model_schema})
 
 
 def plot_curve(log_path: Path, out: Path, title: str) -> None:

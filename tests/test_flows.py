@@ -10,6 +10,7 @@ from jax.scipy.stats import norm
 
 from jaxdnn.data import logit_transform
 from jaxdnn.flows import CONFIGS, build_model, layers
+from jaxdnn.flows import MODELS as MODELS_BY_NAME
 from jaxdnn.flows.checks import layer_cases, logdet_check, model_cases, perturb, perturbed_params, random_input, to64
 from jaxdnn.flows.distribution import FlowBijector, FlowDistribution
 
@@ -151,8 +152,25 @@ def test_registry_builds_default_configs_and_rejects_unknown_names():
         assert build_model(name).__class__.__name__.lower() == name
     with pytest.raises(ValueError, match="unknown model"):
         build_model("maf")
-    with pytest.raises(ValueError, match="unknown config"):
+    with pytest.raises(ValueError, match="unknown glow config key 'widht'"):
         build_model("glow", widht=3)
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("nice", {"preprocessing": "Logit"}, "must be one of 'none', 'logit'"),
+    ("nice", {"hidden": 4.5}, "'hidden' must be int, got 4.5"),
+    ("realnvp", {"pairs": True}, "'pairs' must be int"),
+    ("glow", {"hiden": 8}, "did you mean 'hidden'"),
+])
+def test_model_configs_are_typed(name, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, **overrides)
+
+
+def test_module_defaults_are_the_registry_configs():
+    """One source: a model built directly has the configuration `build_model` gives it."""
+    for name, cls in MODELS_BY_NAME.items():
+        assert {k: getattr(cls(), k) for k in CONFIGS[name]} == CONFIGS[name]
 
 
 # ----------------------------------------------------------------------------- the distrax view

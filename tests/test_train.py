@@ -91,3 +91,16 @@ def test_pretrained_model_reproduces_its_card(name):
     result = evaluate(name, limit=256)
     assert abs(result["bpd"] - card["test_bpd_first256"]) < 0.01
     assert abs(card["test_bpd"] - card["test_bpd_first256"]) < 0.1
+
+
+@pytest.mark.parametrize("flag, match", [
+    ("--config.preprocessing=Logit", "must be one of 'none', 'logit'"),
+    ("--config.hidden=4.5", "'hidden' must be int"),
+    ("--config.stpes=20", "did you mean 'steps'"),
+    ("--config.lr=fast", "'lr' must be float"),
+])
+def test_bad_configs_exit_2_with_one_line(flag, match, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_flow", "--model", "nice", flag,
+                           "--workdir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and match in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written

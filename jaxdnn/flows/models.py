@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import ClassVar
 
 import distrax
 import jax
@@ -42,6 +43,7 @@ class MultiScaleFlow(nn.Module):
     """Base class: subclasses implement `build() -> (preprocess, levels, keep, latent_shapes)`."""
 
     prior: str = "normal"
+    CHOICES: ClassVar[dict] = {}  # allowed values of str config keys
 
     def setup(self):
         self.preprocess, self.levels, self.keep, self.shapes = self.build()
@@ -119,6 +121,7 @@ class NICE(MultiScaleFlow):
     depth: int = 5
     preprocessing: str = "none"  # "none" (the course: x in [0, 1]) or "logit"
     prior: str = "logistic"
+    CHOICES: ClassVar[dict] = {"preprocessing": ("none", "logit")}
 
     def build(self):
         d = 784
@@ -139,9 +142,9 @@ class RealNVP(MultiScaleFlow):
     `final_pairs` pairs of channel-wise couplings at 7x7. ResNet conditioners."""
 
     levels_count: int = 2
-    pairs: int = 2
+    pairs: int = 1
     final_pairs: int = 2
-    hidden: int = 64
+    hidden: int = 48
     blocks: int = 1
 
     def build(self):
@@ -174,7 +177,7 @@ class Glow(MultiScaleFlow):
 
     levels_count: int = 2
     steps_per_level: int = 8
-    hidden: int = 128
+    hidden: int = 96
 
     def build(self):
         levels, keep, shapes = [], [], []
