@@ -1,4 +1,4 @@
-"""Timing and reporting helpers for `python -m benchmarks` (see DESIGN.md, "Performance method").
+"""Timing and reporting helpers for `python -m benchmarks` (the method: README, "Performance").
 
 Every measurement: one first call (warm-up; for jaxdnn it includes tracing and compilation),
 optional further warm-up calls, then `repeats` (>= 5) timed calls, each ending in

@@ -1,4 +1,4 @@
-"""Gambler's ruin (MISSION.md P5): exact answer by dynamic programming, importance sampling in JAX.
+"""Gambler's ruin (docs/problems.md, P5): exact answer by dynamic programming, importance sampling in JAX.
 
 A gambler starts with `start`, bets 1 per game, wins a game with probability `p`, and stops at
 0, at `target`, or after `games` games. We want P = P(reach `target`); at the course's

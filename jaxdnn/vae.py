@@ -1,6 +1,6 @@
 """Problem 1: the log-derivative trick for a VAE, beside the reparameterization trick.
 
-For q_phi(z) differentiable in phi and h(z) > 0 (MISSION.md, P1):
+For q_phi(z) differentiable in phi and h(z) > 0 (docs/problems.md, P1):
 
     grad_phi E_q[log(h(Z) / q_phi(Z))] = E_q[(grad_phi log q_phi(Z)) log(h(Z) / q_phi(Z))]
 

@@ -7,7 +7,7 @@ all back, so the round trip is exact. Latents have a fixed prior (standard norma
 for NICE); Glow's learned prior for split latents is a zero-initialized conditional affine
 layer at the end of each level, so sampling is `decode(temperature * prior noise)`.
 
-Density convention (DESIGN.md): `log_prob(x)` is in nats w.r.t. Lebesgue measure on
+Density convention (docs/problems.md, "Conventions"): `log_prob(x)` is in nats w.r.t. Lebesgue measure on
 [0, 1]^784 and includes the preprocessing log-det.
 """
 
