@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.common import one_cpu_device_per_core
+from jaxdnn import one_cpu_device_per_core
 
 one_cpu_device_per_core()  # as experiments.gamblers_ruin: the sharded paths use every core
 

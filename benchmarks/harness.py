@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments.common import atomic_write_bytes
+from jaxdnn.files import atomic_write_bytes
 
 MIN_REPEATS = 5
 

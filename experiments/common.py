@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from jaxdnn import one_cpu_device_per_core  # noqa: F401  (re-exported for the CLIs)
+from jaxdnn.files import atomic_write_bytes
+
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; never open a window
 
 
@@ -18,33 +21,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def fail(prog: str, message: str) -> None:
-    """Exit 2 with one clear line on stderr (no traceback)."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def one_cpu_device_per_core() -> None:
-    """Asks XLA for one host (CPU) device per core, so sharded work uses every core.
-
-    Call before jax is imported; appends to the user's XLA_FLAGS and leaves a device count
-    the user already set alone. Only the CPU platform is affected."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "jax" not in sys.modules and "host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
+def fail(prog: str, message: str, code: int = 2) -> None:
+    """Exit with one clear line on stderr (no traceback): status 2 for bad input (the default)."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=None, sort_keys=False))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -10,8 +10,7 @@ import jax
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, print_json, save_figure
-from jaxdnn import pretrained, train
-from jaxdnn.data import load_mnist
+from jaxdnn import pretrained
 
 
 def sample_grid(model, params, key, path, temperatures=(0.7, 1.0), n=64):
@@ -28,20 +27,10 @@ def sample_grid(model, params, key, path, temperatures=(0.7, 1.0), n=64):
     return save_figure(fig, path)
 
 
-def evaluate(name: str, limit: int | None = None, key=None) -> dict:
-    model, params = pretrained.load(name)
-    images, _ = load_mnist("test")
-    images = images[:limit] if limit else images
-    key = jax.random.split(jax.random.key(0), 4)[3] if key is None else key  # the training script's eval key
-    bpds = train.evaluate_bpd(train.make_eval_fn(model), params, images, key)
-    mean, stderr = train.mean_and_stderr(bpds)
-    return {"model": name, "bpd": mean, "bpd_stderr": stderr, "images": len(images)}
-
-
 def main(argv=None) -> int:
     prog = "python -m experiments.evaluate_flow"
     parser = ArgumentParser(prog=prog, description=__doc__)
-    parser.add_argument("--model", required=True, choices=["nice", "realnvp", "glow"])
+    parser.add_argument("--model", required=True, choices=pretrained.available())
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default all 10000)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default="results")
@@ -52,7 +41,7 @@ def main(argv=None) -> int:
         fail(prog, f"no shipped weights for {args.model}; shipped: {pretrained.available()}")
     t0 = time.time()
     try:
-        result = evaluate(args.model, args.limit)
+        result = pretrained.test_bpd(args.model, args.limit)
     except (FileNotFoundError, ValueError) as e:
         fail(prog, str(e))
     model, params = pretrained.load(args.model)

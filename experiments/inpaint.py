@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.common import ArgumentParser, print_json, save_figure
+from experiments.common import ArgumentParser, fail, print_json, save_figure
 from jaxdnn import inpainting as ip
 from jaxdnn import pretrained
 from jaxdnn.data import FetchError, load_mnist, to_unit_interval
@@ -127,20 +127,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit status (2: bad input, one line on stderr)."""
     try:
-        a = parse_args(argv)
+        return _main(argv)
     except SystemExit as e:
         return int(e.code or 0)
+
+
+def _main(argv) -> int:
+    a = parse_args(argv)
     try:
         model, params = pretrained.load(a.model)
     except (ValueError, OSError) as e:
-        return _fail(f"--model {a.model}: no pretrained weights could be loaded ({e})")
+        fail(PROG, f"--model {a.model}: no pretrained weights could be loaded ({e})")
     start, stop = a.images
     try:
         images = to_unit_interval(load_mnist("test")[0][start:stop])
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
-        return _fail(f"MNIST is not available: {e}", code=1)
+        fail(PROG, f"MNIST is not available: {e}", code=1)
     outs = []
     for mask in a.mask:
         rows = []
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
                                               key=jax.random.key(a.seed), indices=np.arange(start, stop),
                                               steps=a.steps, lr=a.lr, batch_size=a.batch_size)
             except ValueError as e:
-                return _fail(str(e))
+                fail(PROG, str(e))
             if not rows:
                 observed = np.where(arrays["masks"], arrays["original"], 0.5)
                 rows = [("original", arrays["original"], None), ("observed", observed, None)]
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
         try:
             save_figure(figure(rows, title), path)
         except OSError as e:
-            return _fail(f"cannot write the figure to {path}: {e}")
+            fail(PROG, f"cannot write the figure to {path}: {e}")
         if not a.json:
             print(f"  figure: {path}")
     if a.json:
@@ -186,12 +191,6 @@ def report(out: dict) -> None:
     for name, m in rows:
         print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}")
     print(f"  bits/dim of the inpainted images: {out['bpd']:.4f}; {out['seconds']:.1f} s")
-
-
-def _fail(message: str, code: int = 2) -> int:
-    """One line on stderr; exit status 2 for bad input (as `experiments.common.fail`)."""
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def main(argv=None) -> int:
 
     model = build_model(args.model, **model_cfg)
     optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"])
-    key = jax.random.key(cfg["seed"])
-    k_init, k_data, k_step, k_eval = jax.random.split(key, 4)
+    keys = train.run_keys(cfg["seed"])
+    k_init, k_data, k_step, k_eval = keys["init"], keys["data"], keys["step"], keys["eval"]
     mesh = train.data_mesh()
     if cfg["batch_size"] % mesh.size:
         fail(prog, f"batch_size {cfg['batch_size']} must be a multiple of the {mesh.size} devices")

@@ -51,6 +51,16 @@ def _append_xla_cpu_flags() -> None:
     os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
 
 
+def one_cpu_device_per_core() -> None:
+    """Asks XLA for one host (CPU) device per core, so work sharded over devices uses every core.
+
+    Call before JAX starts its backend; appends to the user's XLA_FLAGS and leaves a device
+    count the user already set alone. Only the CPU platform is affected."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
+
+
 def _cpu_backend() -> bool:
     import jax
     return jax.default_backend() == "cpu"

@@ -24,7 +24,7 @@ import optax
 
 __all__ = [
     "PGDResult", "box_projection", "problem2_minimizer", "problem2_projection",
-    "project_problem2", "projected_gradient",
+    "projected_gradient",
 ]
 
 
@@ -63,11 +63,6 @@ def problem2_projection(a) -> Callable[[jax.Array], jax.Array]:
             y, jnp.broadcast_to(lower, y.shape), jnp.broadcast_to(upper, y.shape))
 
     return project
-
-
-def project_problem2(y: jax.Array, a) -> jax.Array:
-    """Pi_C(y) = (a, clip(y_2, 0, 1)) for C = {x_1 = a, 0 <= x_2 <= 1}."""
-    return problem2_projection(a)(y)
 
 
 def problem2_minimizer(center: jax.Array, a) -> jax.Array:

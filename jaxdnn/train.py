@@ -27,6 +27,12 @@ class TrainState(NamedTuple):
     bad_streak: jax.Array  # () int32, consecutive skipped updates
 
 
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The named keys of a training run from its seed: "init", "data" (batch order), "step"
+    (dequantization noise) and "eval" (the test-set evaluation, also used to score shipped models)."""
+    return dict(zip(("init", "data", "step", "eval"), jax.random.split(jax.random.key(seed), 4), strict=True))
+
+
 def make_optimizer(lr: float, steps: int, warmup: int, clip: float) -> optax.GradientTransformation:
     """Adam with linear warmup then cosine decay to lr/10 at `steps`, after global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),

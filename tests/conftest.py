@@ -15,6 +15,9 @@
   shapes and finiteness with chex (`chex.assert_shape`, `chex.assert_tree_all_finite`),
   and run both jitted and not with `chex.variants(with_jit=True, without_jit=True)`.
 
+- Marks: `slow` (more than a few seconds; `python -m pytest -m "not slow"` is the fast loop) and
+  `mnist` (needs the real MNIST files; skipped with a note where they are not fetched).
+
 - `@pytest.mark.early_start(command=...)` (see `EarlyRun`): the long end-to-end commands (the
   main job, the benchmark harness) start in the background as soon as collection ends, one
   after the other, and run beside the in-process tests (which keep about one of the
@@ -143,9 +146,21 @@ def pytest_configure(config):
                    "`early_run` fixture")
 
 
+def mnist_available() -> bool:
+    from jaxdnn.data.mnist import FILES, default_data_dir
+
+    return all((default_data_dir() / name).is_file() for name in FILES)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests of early-started commands run last, in their start order, so the rest of the
-    suite runs while the commands do."""
+    """Tests marked `mnist` skip, saying how to fetch it, where MNIST is not fetched (CI fetches it
+    first, so there they run). Tests of early-started commands run last, in their start order,
+    so the rest of the suite runs while the commands do."""
+    if not mnist_available():
+        skip = pytest.mark.skip(reason="needs MNIST: run `python -m jaxdnn.data fetch` first")
+        for item in items:
+            if item.get_closest_marker("mnist"):
+                item.add_marker(skip)
     early = [item for item in items if item.get_closest_marker("early_start")]
     if early:
         items[:] = [item for item in items if item not in early] + early

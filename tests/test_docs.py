@@ -25,7 +25,8 @@ def test_every_repository_path_in_the_doc_exists():
 
 
 def test_nothing_cites_files_outside_the_repository():
-    files = [p for d in ("jaxdnn", "experiments", "benchmarks") for p in (ROOT / d).rglob("*.py")] + [ROOT / "README.md"]
+    files = [p for d in ("jaxdnn", "experiments", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    files.append(ROOT / "README.md")
     assert len(files) > 20
     offenders = [str(p.relative_to(ROOT)) for p in files if re.search(r"MISSION\.md|DESIGN\.md", p.read_text())]
     assert not offenders, offenders

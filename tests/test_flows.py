@@ -89,7 +89,7 @@ def test_model_round_trip_log_prob_and_sample(name, model_params):
     chex.assert_tree_all_finite(samples)
 
 
-@pytest.mark.parametrize("name", ["nice", "glow"])
+@pytest.mark.parametrize("name", ["nice", "glow", pytest.param("realnvp", marks=pytest.mark.slow)])
 def test_model_logdet_matches_brute_force_jacobian(name, model_params):
     x, all_params = model_params
     model = MODELS[name]
@@ -178,6 +178,7 @@ def test_module_defaults_are_the_registry_configs():
 # ----------------------------------------------------------------------------- the distrax view
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_params):
     """FlowBijector: exact round trip, forward log-det = -inverse log-det = slogdet of the

@@ -20,6 +20,8 @@ def hw10_fast(tmp):
             "env": {**os.environ, **compilation_cache_env(tmp / "jax_cache")}}
 
 
+@pytest.mark.slow
+@pytest.mark.mnist
 @pytest.mark.early_start(command=hw10_fast)
 def test_hw10_fast_writes_report_summary_and_figures(early_run):
     tmp_path = early_run.tmp

@@ -22,6 +22,7 @@ from experiments import inpaint as cli
 from jaxdnn import inpainting as ip
 from jaxdnn.data import to_unit_interval
 from jaxdnn.flows import build_model
+from jaxdnn.flows.checks import perturb
 
 TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
 FLOW_STEPS = 20
@@ -54,11 +55,7 @@ def tiny_flow():
     params = jax.jit(model.init)(jax.random.key(0), flow_images())  # ActNorm sees real data
     # zero-initialized conditioners make an untrained flow the identity: perturb them so the
     # density couples pixels
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [p + 0.2 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys,
-                                                                                strict=True)]
-    return model, jax.tree.unflatten(tree, leaves)
+    return model, perturb(params, jax.random.key(1), scale=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +110,7 @@ def test_annealed_reaches_the_constrained_minimizer(key):
     assert not np.array_equal(other, first)
 
 
+@pytest.mark.slow
 def test_langevin_estimates_the_posterior_mean(key, optimized_xla):
     """Independent Gaussian pixels restricted to [0, 1]: the posterior mean of a missing pixel
     is the truncated normal's mean, in closed form. (Two runs of 800 steps of 2 x 32 chains:
@@ -284,6 +282,24 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1))
     with pytest.raises(ValueError, match="fewer than starts"):
         ip.inpaint(flow, x, mask, None, method="latent", starts=20, reference=reference)
+
+
+def test_hyperparameter_values_do_not_recompile(key):
+    """inpaint's promise: one compilation per model, shape, method and step count, whatever the
+    hyperparameter values (they are traced arguments, not constants)."""
+    x = gaussian_images(2)
+    mask = ip.make_mask("center")
+    flow, _, _ = linear_gaussian_flow()
+    small, small_mask = x[:, :4, :4], mask[:4, :4]
+    runs = [(ip.pixel._advance, lambda v: ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed", steps=10,
+                                                      lr=v, noise=v / 2)),
+            (ip.latent._advance, lambda v: ip.inpaint(flow, small, small_mask, key, method="latent_map", steps=10,
+                                                      lr=v, noise_std=v, prior_weight=2 * v))]
+    for jitted, run in runs:
+        run(0.01)
+        compiled = jitted._cache_size()
+        run(0.03)
+        assert jitted._cache_size() == compiled
 
 
 # ----------------------------------------------------------------------------- masks

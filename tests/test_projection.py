@@ -14,7 +14,7 @@ from jaxdnn import projection as pj
 @pytest.mark.parametrize("a", [-1.5, 0.0, 0.3, 2.0])
 def test_problem2_projection_matches_closed_form(key, a):
     y = 3.0 * jax.random.normal(key, (1000, 2))  # covers x2 < 0, inside, > 1
-    got = pj.project_problem2(y, a)
+    got = pj.problem2_projection(a)(y)
     want = jnp.stack([jnp.full(1000, a), jnp.clip(y[:, 1], 0.0, 1.0)], -1)
     chex.assert_shape(got, (1000, 2))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -27,7 +27,7 @@ def test_problem2_projection_is_the_nearest_point(key):
     grid = jnp.stack([jnp.full(2001, a), jnp.linspace(0.0, 1.0, 2001)], -1)
     y = 2.0 * jax.random.normal(key, (50, 2))
     nearest = grid[jnp.argmin(((y[:, None, :] - grid[None]) ** 2).sum(-1), axis=1)]
-    np.testing.assert_allclose(pj.project_problem2(y, a), nearest, atol=1e-3)
+    np.testing.assert_allclose(pj.problem2_projection(a)(y), nearest, atol=1e-3)
 
 
 def test_box_projection_is_idempotent_and_pins_equal_bounds(key):
@@ -43,7 +43,7 @@ def test_box_projection_is_idempotent_and_pins_equal_bounds(key):
 
 def test_problem2_projection_rejects_wrong_shape():
     with pytest.raises(ValueError, match="shape"):
-        pj.project_problem2(jnp.zeros(3), 0.0)
+        pj.problem2_projection(0.0)(jnp.zeros(3))
 
 
 @pytest.mark.parametrize("center", [(2.0, -0.7), (-1.0, 0.4), (0.5, 3.0)])

@@ -1,6 +1,6 @@
 """MNIST data: IDX parsing, a checksummed cache, preprocessing and batching."""
 
-from jaxdnn.data.batches import batch_at, batches, epoch_permutation
+from jaxdnn.data.batches import batches, epoch_permutation
 from jaxdnn.data.idx import parse_idx, write_idx
 from jaxdnn.data.mnist import FetchError, default_data_dir, fetch_mnist, load_mnist
 from jaxdnn.data.preprocess import (
@@ -13,7 +13,7 @@ from jaxdnn.data.preprocess import (
 )
 
 __all__ = [
-    "LOGIT_ALPHA", "FetchError", "batch_at", "batches", "bits_per_dim", "default_data_dir",
+    "LOGIT_ALPHA", "FetchError", "batches", "bits_per_dim", "default_data_dir",
     "dequantize", "epoch_permutation", "fetch_mnist", "inverse_logit_transform", "load_mnist",
     "logit_transform", "parse_idx", "to_unit_interval", "write_idx",
 ]

@@ -12,18 +12,10 @@ def epoch_permutation(key: jax.Array, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed.astype(np.uint64)).permutation(n)
 
 
-def batch_at(key: jax.Array, data: np.ndarray, step: int, batch_size: int) -> np.ndarray:
-    """Batch number `step` of an endless shuffled stream (drops each epoch's ragged tail)."""
-    per_epoch = len(data) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} examples")
-    epoch, i = divmod(step, per_epoch)
-    perm = epoch_permutation(key, epoch, len(data))
-    return data[perm[i * batch_size:(i + 1) * batch_size]]
-
-
 def batches(key: jax.Array, data: np.ndarray, batch_size: int, start_step: int = 0):
-    """Yields (step, batch) from `start_step` on; each epoch's permutation is computed once."""
+    """Yields (step, batch) from `start_step` on, endlessly: batch `step` is the same whatever
+    step the stream started from (resumable); each epoch's ragged tail is dropped and its
+    permutation computed once."""
     per_epoch = len(data) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {len(data)} examples")

@@ -1,5 +1,5 @@
-"""Bijective layers. Each is a Flax module called as `layer(x, inverse=False) -> (y, log_det)`
-with `forward`/`inverse` shorthands; x is a batch (B, ...) and log_det has shape (B,).
+"""Bijective layers. Each is a Flax module called as `layer(x, inverse=False) -> (y, log_det)`;
+x is a batch (B, ...) and log_det has shape (B,).
 
 `log_det` is always log|det| of the Jacobian of the map actually applied, so
 `inverse(forward(x)[0])[1] == -forward(x)[1]`.
@@ -36,14 +36,9 @@ def take_last(x: jax.Array, idx: Sequence[int]) -> jax.Array:
     return runs[0] if len(runs) == 1 else jnp.concatenate(runs, -1)
 
 
-class Bijector(nn.Module):
-    """Mixin: `forward(x)` and `inverse(y)` call `__call__(x, inverse=...)`."""
-
-    def forward(self, x):
-        return self(x, inverse=False)
-
-    def inverse(self, y):
-        return self(y, inverse=True)
+class FlowLayer(nn.Module):
+    """Base of every layer here: a Flax module called as `layer(x, inverse=False) -> (y, log_det)`.
+    (`jaxdnn.flows.distribution.FlowBijector` is the distrax view of a whole model.)"""
 
 
 # ----------------------------------------------------------------------------- conditioners
@@ -115,7 +110,7 @@ def bounded_log_scale(h: jax.Array) -> jax.Array:
     return 2.0 * jnp.tanh(h / 2.0)
 
 
-class Coupling(Bijector):
+class Coupling(FlowLayer):
     """Additive or affine coupling over the last axis.
 
     `mask` lists the last-axis indices that pass through unchanged (x_a); the others
@@ -171,7 +166,7 @@ def half_mask(channels: int, first: bool = True) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- elementwise
 
 
-class Logit(Bijector):
+class Logit(FlowLayer):
     """x in [0, 1] -> logit(alpha + (1 - 2 alpha) x): the preprocessing layer as a bijector."""
 
     alpha: float = LOGIT_ALPHA
@@ -180,7 +175,7 @@ class Logit(Bijector):
         return (inverse_logit_transform if inverse else logit_transform)(x, self.alpha)
 
 
-class Scaling(Bijector):
+class Scaling(FlowLayer):
     """NICE's diagonal scaling y = x * exp(s), s learned per dimension (zero-initialized)."""
 
     @nn.compact
@@ -190,7 +185,7 @@ class Scaling(Bijector):
         return x * jnp.exp(sign * s)[None], jnp.full(x.shape[:1], sign * s.sum())
 
 
-class ActNorm(Bijector):
+class ActNorm(FlowLayer):
     """Per-channel affine y = (x + loc) * exp(log_scale), initialized from the first batch seen
     by `init` so that y has zero mean and unit variance per channel (data-dependent init lives
     in the parameters: applying loaded parameters never re-initializes)."""
@@ -247,7 +242,7 @@ def reverse_permutation(c: int) -> np.ndarray:
     return np.arange(c)[::-1].copy()
 
 
-class InvConv1x1(Bijector):
+class InvConv1x1(FlowLayer):
     """Invertible 1x1 convolution y[h, w] = A x[h, w] with A = P L (U + diag(exp(log_s))).
 
     P is a fixed channel reversal; L = I, U = 0, log_s = 0 at init. log|det| per example is
@@ -268,7 +263,7 @@ class InvConv1x1(Bijector):
         return exact_matmul(x, lu_matrix(perm, lower, upper, log_s).T), log_det
 
 
-class ConditionalInvConv1x1(Bijector):
+class ConditionalInvConv1x1(FlowLayer):
     """Problem 4(d): Z[..., :k] = X[..., :k], Z[..., k:] = A(X[..., :k]) X[..., k:] per pixel, with
     the LU factors of A = P L (U + diag s) predicted per example from X[..., :k]
     (conv features, spatial mean, zero-initialized dense). log|det| = H W sum_i log|s_i|."""
@@ -314,14 +309,14 @@ def unsqueeze(x: jax.Array) -> jax.Array:
     return x.reshape(b, 2 * h, 2 * w, c // 4)
 
 
-class Squeeze(Bijector):
+class Squeeze(FlowLayer):
     """`squeeze` as a bijector (log_det 0)."""
 
     def __call__(self, x, inverse=False):
         return (unsqueeze if inverse else squeeze)(x), jnp.zeros(x.shape[:1])
 
 
-class Reshape(Bijector):
+class Reshape(FlowLayer):
     """(B, *in_shape) <-> (B, *out_shape) with log_det 0 (e.g. image <-> flat vector)."""
 
     in_shape: Sequence[int]
@@ -335,10 +330,10 @@ class Reshape(Bijector):
 # ----------------------------------------------------------------------------- composition
 
 
-class Chain(Bijector):
+class Chain(FlowLayer):
     """Layers applied in order (forward) or reverse order with inverse=True; log-dets add."""
 
-    layers: Sequence[Callable[[], Bijector]]
+    layers: Sequence[Callable[[], FlowLayer]]
 
     @nn.compact
     def __call__(self, x, inverse=False):
@@ -350,7 +345,7 @@ class Chain(Bijector):
         return x, log_det
 
 
-class Repeat(Bijector):
+class Repeat(FlowLayer):
     """`num` copies of the bijector built by `make`, parameters stacked on a leading axis.
 
     On GPU/TPU the copies run under `lax.scan` (one compiled body, whatever `num`). On CPU
@@ -359,7 +354,7 @@ class Repeat(Bijector):
     `scan=None` picks by backend. Initialization runs the copies in sequence on the data, so
     data-dependent inits (ActNorm) see each copy's real input."""
 
-    make: Callable[[], Bijector]
+    make: Callable[[], FlowLayer]
     num: int
     scan: bool | None = None
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
+from jaxdnn.files import atomic_write_bytes
 from jaxdnn.flows import build_model
 from jaxdnn.flows.distribution import FlowDistribution
 
@@ -53,13 +54,26 @@ def load_distribution(name: str) -> FlowDistribution:
     return FlowDistribution(*load(name))
 
 
+def test_bpd(name: str, limit: int | None = None, key=None) -> dict:
+    """Bits/dim of the shipped model `name` on the first `limit` MNIST test images (all 10,000 by
+    default), uniformly dequantized with `key` (default: the training run's "eval" key, the one
+    its card was scored with): {"model", "bpd", "bpd_stderr", "images"}."""
+    from jaxdnn import train
+    from jaxdnn.data import load_mnist
+
+    model, params = load(name)
+    images = load_mnist("test")[0][:limit]
+    key = train.run_keys(card(name)["train_config"].get("seed", 0))["eval"] if key is None else key
+    bpds = train.evaluate_bpd(train.make_eval_fn(model), params, images, key)
+    mean, stderr = train.mean_and_stderr(bpds)
+    return {"model": name, "bpd": mean, "bpd_stderr": stderr, "images": len(images)}
+
+
 def export(params, info: dict, name: str, directory: str | os.PathLike | None = None) -> Path:
     """Writes `<name>.msgpack` and `<name>.json` (temp names, then renamed) into `directory`
     (default: this package's folder)."""
     directory = Path(directory) if directory is not None else Path(str(_HERE))
     blob = serialization.to_bytes(jax.device_get(params))
     for suffix, data in ((".msgpack", blob), (".json", json.dumps(info, indent=2).encode())):
-        tmp = directory / f".{name}{suffix}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, directory / f"{name}{suffix}")
+        atomic_write_bytes(directory / f"{name}{suffix}", data)
     return directory / f"{name}.msgpack"
