@@ -184,9 +184,9 @@ def test_flow_inpainting_keeps_the_constraints_exactly(flow_runs, method):
         assert len(np.unique(out[~obs])) > 10  # decoded fills, not a constant
         if method == "latent_map":  # the losses are E(z_k): the first one is E(0)
             zeros = [jnp.zeros(s.shape) for s in jax.eval_shape(flow_runs["flow"].encode, x)]
-            hp = ip.LATENT_MAP_DEFAULTS
+            hyper = ip.LATENT_MAP_DEFAULTS
             e0 = jax.jit(ip.latent_energy)(flow_runs["flow"], zeros, x, jnp.broadcast_to(mask, x.shape),
-                                           hp["noise_std"], hp["prior_weight"])
+                                           hyper["noise_std"], hyper["prior_weight"])
             np.testing.assert_allclose(res.losses[:, 0], e0, rtol=rtol)
         return
     init = ip.DEFAULTS[method]["init"]
@@ -291,9 +291,9 @@ def test_hyperparameter_values_do_not_recompile(key):
     mask = ip.make_mask("center")
     flow, _, _ = linear_gaussian_flow()
     small, small_mask = x[:, :4, :4], mask[:4, :4]
-    runs = [(ip.pixel._advance, lambda v: ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed", steps=10,
+    runs = [(ip.pixel._run_steps, lambda v: ip.inpaint(gaussian_log_prob, x, mask, key, method="annealed", steps=10,
                                                       lr=v, noise=v / 2)),
-            (ip.latent._advance, lambda v: ip.inpaint(flow, small, small_mask, key, method="latent_map", steps=10,
+            (ip.latent._run_steps, lambda v: ip.inpaint(flow, small, small_mask, key, method="latent_map", steps=10,
                                                       lr=v, noise_std=v, prior_weight=2 * v))]
     for jitted, run in runs:
         run(0.01)

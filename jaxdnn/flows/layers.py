@@ -128,10 +128,10 @@ class Coupling(FlowLayer):
     @nn.compact
     def __call__(self, x, inverse=False):
         size = x.shape[-1]
-        keep = np.asarray(self.mask, dtype=int)
-        change = np.setdiff1d(np.arange(size), keep)
-        order = np.argsort(np.concatenate([keep, change]))
-        x_a, x_b = take_last(x, keep), take_last(x, change)
+        fixed = np.asarray(self.mask, dtype=int)
+        change = np.setdiff1d(np.arange(size), fixed)
+        order = np.argsort(np.concatenate([fixed, change]))
+        x_a, x_b = take_last(x, fixed), take_last(x, change)
         out = len(change) * (2 if self.affine else 1)
         h = make_conditioner(self.conditioner, out, self.hidden, self.depth)(x_a)
         t = h[..., : len(change)]
@@ -142,9 +142,9 @@ class Coupling(FlowLayer):
         else:
             y_b = x_b * jnp.exp(log_s) + t
             log_det = _batch_sum(log_s)
-        if size % 2 == 0 and keep[0] in (0, 1) and list(keep) == list(range(keep[0], size, 2)):
+        if size % 2 == 0 and fixed[0] in (0, 1) and list(fixed) == list(range(fixed[0], size, 2)):
             # Interleaved halves (NICE's even/odd): re-interleave by stacking, not by a gather.
-            pair = (x_a, y_b) if keep[0] == 0 else (y_b, x_a)
+            pair = (x_a, y_b) if fixed[0] == 0 else (y_b, x_a)
             return jnp.stack(pair, -1).reshape(x.shape), log_det
         return take_last(jnp.concatenate([x_a, y_b], -1), order), log_det
 

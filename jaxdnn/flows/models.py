@@ -1,7 +1,7 @@
 """NICE, RealNVP and Glow for (B, 28, 28, 1) images in [0, 1].
 
 Every model is a multi-scale flow: `preprocess` (logit or identity), then `levels`, each a
-bijector; after every level but the last, the channels from `keep` on are factored out as a
+bijector; after every level but the last, the channels from `kept_channels` on are factored out as a
 latent. `encode(x) -> (latents, log_det)` returns every latent, `decode(latents)` takes them
 all back, so the round trip is exact. Latents have a fixed prior (standard normal, or logistic
 for NICE); Glow's learned prior for split latents is a zero-initialized conditional affine
@@ -40,13 +40,13 @@ IMAGE_SHAPE = (28, 28, 1)
 
 
 class MultiScaleFlow(nn.Module):
-    """Base class: subclasses implement `build() -> (preprocess, levels, keep, latent_shapes)`."""
+    """Base class: subclasses implement `build() -> (preprocess, levels, kept_channels, latent_shapes)`."""
 
     prior: str = "normal"
     CHOICES: ClassVar[dict] = {}  # allowed values of str config keys
 
     def setup(self):
-        self.preprocess, self.levels, self.keep, self.shapes = self.build()
+        self.preprocess, self.levels, self.kept_channels, self.shapes = self.build()
 
     def build(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -67,8 +67,8 @@ class MultiScaleFlow(nn.Module):
             h, ld = level(h)
             log_det = log_det + ld
             if i < len(self.levels) - 1:
-                latents.append(h[..., self.keep[i]:])
-                h = h[..., : self.keep[i]]
+                latents.append(h[..., self.kept_channels[i]:])
+                h = h[..., : self.kept_channels[i]]
         latents.append(h)
         return latents, log_det
 
@@ -150,7 +150,7 @@ class RealNVP(MultiScaleFlow):
     def build(self):
         coupling = partial(Coupling, affine=True, conditioner="resnet", hidden=self.hidden,
                            depth=self.blocks)
-        levels, keep, shapes = [], [], []
+        levels, kept_channels, shapes = [], [], []
         h, w, c = IMAGE_SHAPE
         for _ in range(self.levels_count):
             checker = partial(Chain, layers=(partial(coupling, mask=checkerboard_mask(c, 0)),
@@ -160,14 +160,14 @@ class RealNVP(MultiScaleFlow):
                                              partial(coupling, mask=half_mask(c, False))))
             levels.append(Chain((Squeeze, partial(Repeat, make=checker, num=self.pairs),
                                  partial(Repeat, make=channel, num=self.pairs))))
-            keep.append(c // 2)
+            kept_channels.append(c // 2)
             shapes.append((h, w, c - c // 2))
             c = c // 2
         final = partial(Chain, layers=(partial(coupling, mask=half_mask(c, True)),
                                        partial(coupling, mask=half_mask(c, False))))
         levels.append(Repeat(make=final, num=self.final_pairs))
         shapes.append((h, w, c))
-        return Logit(), levels, tuple(keep), shapes
+        return Logit(), levels, tuple(kept_channels), shapes
 
 
 class Glow(MultiScaleFlow):
@@ -180,7 +180,7 @@ class Glow(MultiScaleFlow):
     hidden: int = 96
 
     def build(self):
-        levels, keep, shapes = [], [], []
+        levels, kept_channels, shapes = [], [], []
         h, w, c = IMAGE_SHAPE
         for i in range(self.levels_count):
             h, w, c = h // 2, w // 2, 4 * c
@@ -191,9 +191,9 @@ class Glow(MultiScaleFlow):
             layers = [Squeeze, partial(Repeat, make=step, num=self.steps_per_level)]
             if i < self.levels_count - 1:
                 layers.append(partial(Coupling, mask=mask, affine=True, conditioner="conv"))
-                keep.append(c // 2)
+                kept_channels.append(c // 2)
                 shapes.append((h, w, c - c // 2))
                 c = c // 2
             levels.append(Chain(tuple(layers)))
         shapes.append((h, w, c))
-        return Logit(), levels, tuple(keep), shapes
+        return Logit(), levels, tuple(kept_channels), shapes

@@ -115,7 +115,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     steps = STEPS[method] if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    hp, counts = _hyperparameters(method, lr, init, options)
+    hyper, counts = _hyperparameters(method, lr, init, options)
     if isinstance(flow, FlowDistribution):
         flow = as_flow(flow.model, flow.params)
     if method in LATENT_METHODS and not isinstance(flow, Flow):
@@ -147,16 +147,16 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         raise ValueError(f"method {method!r} needs a key")
     keys = _image_keys(key, n, single) if key is not None else jax.random.split(jax.random.key(0), n)
 
-    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
     steps = int(steps)
     if method in ("pgd", "annealed"):
-        out, losses = pixel.mode_search(_partial(log_prob), images, masks, keys, hp, method, steps)
+        out, losses = pixel.mode_search(_partial(log_prob), images, masks, keys, hyper, method, steps)
     elif method == "langevin":
-        out, losses = pixel.langevin(_partial(log_prob), images, masks, keys, hp, steps, counts["chains"])
+        out, losses = pixel.langevin(_partial(log_prob), images, masks, keys, hyper, steps, counts["chains"])
     elif method == "latent_map":
-        out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hp, steps)
+        out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hyper, steps)
     else:
-        out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hp, steps,
+        out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
                              counts["starts"], reference)
     if single:
         out, losses = out[0], losses[0]
@@ -170,28 +170,28 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown options {sorted(unknown)} for method {method!r}; it takes {sorted(allowed)}")
-    hp = {**defaults, **options}
+    hyper = {**defaults, **options}
     if lr is not None:
-        hp["lr"] = lr
+        hyper["lr"] = lr
     if init is not None:
         if "init" not in defaults:
             raise ValueError(f"init is the starting pixel value of the pixel methods, not of {method!r}")
-        hp["init"] = init
-    counts = {k: hp.pop(k) for k in _COUNTS & set(hp)}
+        hyper["init"] = init
+    counts = {k: hyper.pop(k) for k in _COUNTS & set(hyper)}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    for name, value in hp.items():
+    for name, value in hyper.items():
         if not (isinstance(value, jax.core.Tracer) or math.isfinite(float(value))):
             raise ValueError(f"{name} must be finite, got {value!r}")
-    concrete = {k: float(v) for k, v in hp.items() if not isinstance(v, jax.core.Tracer)}
+    concrete = {k: float(v) for k, v in hyper.items() if not isinstance(v, jax.core.Tracer)}
     if "init" in concrete and not 0.0 <= concrete["init"] <= 1.0:
-        raise ValueError(f"init must lie in [0, 1], got {hp['init']!r}")
+        raise ValueError(f"init must lie in [0, 1], got {hyper['init']!r}")
     if not 0.0 <= concrete.get("margin", 0.0) < 0.5:
-        raise ValueError(f"margin must lie in [0, 0.5), got {hp['margin']!r}")
+        raise ValueError(f"margin must lie in [0, 0.5), got {hyper['margin']!r}")
     if concrete.get("noise_std", 1.0) <= 0.0:
-        raise ValueError(f"noise_std must be > 0, got {hp['noise_std']!r}")
-    return hp, counts
+        raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
+    return hyper, counts
 
 
 def _partial(log_prob) -> jax.tree_util.Partial:

@@ -11,15 +11,15 @@ import jax.numpy as jnp
 CPU_CHUNK = 10  # steps per unrolled, jitted chunk on CPU
 
 
-def run_chunks(advance, carry, steps: int, batch: int):
-    """Runs `advance(carry, first, n, unroll) -> (carry, losses (B, n))` over `steps` steps.
+def run_chunks(run_steps, carry, steps: int, batch: int):
+    """Runs `run_steps(carry, first, n, unroll) -> (carry, losses (B, n))` over `steps` steps.
     Returns (carry, losses (B, steps))."""
     cpu = jax.default_backend() == "cpu"
     chunk = min(CPU_CHUNK, steps) if cpu else steps
     losses, done = [], 0
     while done < steps:
         n = min(chunk, steps - done)
-        carry, loss = advance(carry, jnp.float32(done), n, cpu)
+        carry, loss = run_steps(carry, jnp.float32(done), n, cpu)
         losses.append(loss)
         done += n
     return carry, (jnp.concatenate(losses, 1) if losses else jnp.zeros((batch, 0)))

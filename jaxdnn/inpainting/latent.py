@@ -97,21 +97,21 @@ def _finish(flow: Flow, latents, images, masks):
 
 
 @jax.jit
-def _adam_init(hp, latents):
-    return optax.adam(hp["lr"]).init(latents)
+def _adam_init(hyper, latents):
+    return optax.adam(hyper["lr"]).init(latents)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "unroll"))
-def _advance(flow, images, masks, hp, carry, first, chunk, unroll):
+def _run_steps(flow, images, masks, hyper, carry, first, chunk, unroll):
     """`chunk` Adam steps on E from carry = (latents, Adam state); returns E at each step's
     starting point (B, chunk)."""
     del first  # Adam keeps its own step count
-    opt = optax.adam(hp["lr"])
+    opt = optax.adam(hyper["lr"])
 
     def step(c, _):
         z, state = c
         values, vjp = jax.vjp(
-            lambda v: latent_energy(flow, v, images, masks, hp["noise_std"], hp["prior_weight"]), z)
+            lambda v: latent_energy(flow, v, images, masks, hyper["noise_std"], hyper["prior_weight"]), z)
         (grad,) = vjp(jnp.ones_like(values))
         grad = jax.tree.map(jnp.nan_to_num, grad)
         updates, state = opt.update(grad, state, z)
@@ -121,11 +121,11 @@ def _advance(flow, images, masks, hp, carry, first, chunk, unroll):
     return carry, losses.T
 
 
-def _search(flow, images, masks, hp, latents, steps):
+def _search(flow, images, masks, hyper, latents, steps):
     """Adam on E from `latents` for `steps` steps -> (fill (B, H, W, C), energies (B, steps))."""
-    carry = (latents, _adam_init(hp, latents))
+    carry = (latents, _adam_init(hyper, latents))
     (z, _), losses = run_chunks(
-        lambda c, first, n, unroll: _advance(flow, images, masks, hp, c, first, n, unroll),
+        lambda c, first, n, unroll: _run_steps(flow, images, masks, hyper, c, first, n, unroll),
         carry, steps, images.shape[0])
     return _finish_jit(flow, z, images, masks), losses
 
@@ -134,14 +134,14 @@ _finish_jit = jax.jit(_finish)
 _encode = jax.jit(lambda flow, x: flow.encode(x))
 
 
-def latent_map(flow: Flow, images, masks, hp, steps: int):
+def latent_map(flow: Flow, images, masks, hyper, steps: int):
     """The MAP fill from z = 0: (fill (B, H, W, C), E per step (B, steps))."""
     shapes = jax.eval_shape(flow.encode, images)
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    return _search(flow, images, masks, hp, zeros, steps)
+    return _search(flow, images, masks, hyper, zeros, steps)
 
 
-def latent(flow: Flow, images, masks, keys, hp, steps: int, starts: int, reference=None):
+def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None):
     """The average of `starts` searches' fills (B, H, W, C) and their mean E per step (B, steps).
 
     reference: float training images (N, H, W, C): search k starts from the encoding of the
@@ -156,8 +156,8 @@ def latent(flow: Flow, images, masks, keys, hp, steps: int, starts: int, referen
             start = jnp.clip(jnp.asarray(reference)[nearest[:, k]], START_MARGIN, 1.0 - START_MARGIN)
             z0 = _encode(flow, start)
         else:
-            z0 = _prior_noise(keys, k, tuple(s.shape[1:] for s in shapes), hp["init_scale"])
-        fill, loss = _search(flow, images, masks, hp, z0, steps)
+            z0 = _prior_noise(keys, k, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
+        fill, loss = _search(flow, images, masks, hyper, z0, steps)
         total, losses = total + fill, losses + loss
     fill = total / starts
     return jnp.where(masks, images, fill), losses / starts

@@ -129,57 +129,57 @@ def annealed_optimizer(keys: jax.Array, steps: int, lr: float = ANNEALED_DEFAULT
     )
 
 
-def _setup(images, masks, keys, hp, method, steps):
+def _box_and_optimizer(images, masks, keys, hyper, method, steps):
     """(box projection, starting point, optimizer) of a batch (B, H, W, C)."""
-    lower = jnp.where(masks, images, hp["margin"])
-    upper = jnp.where(masks, images, 1.0 - hp["margin"])
-    x0 = jnp.where(masks, images, hp["init"])
+    lower = jnp.where(masks, images, hyper["margin"])
+    upper = jnp.where(masks, images, 1.0 - hyper["margin"])
+    x0 = jnp.where(masks, images, hyper["init"])
     if method == "pgd":
-        opt = pgd_optimizer(hp["lr"])
+        opt = pgd_optimizer(hyper["lr"])
     else:
-        opt = annealed_optimizer(keys, steps, hp["lr"], hp["lr_final"], hp["noise"],
-                                 hp["noise_until"], hp["b1"], hp["b2"])
+        opt = annealed_optimizer(keys, steps, hyper["lr"], hyper["lr_final"], hyper["noise"],
+                                 hyper["noise_until"], hyper["b1"], hyper["b2"])
     return box_projection(lower, upper), x0, opt
 
 
 @functools.partial(jax.jit, static_argnames=("method", "steps"))
-def _init(images, masks, keys, hp, method, steps):
-    _, x0, opt = _setup(images, masks, keys, hp, method, steps)
+def _initial_carry(images, masks, keys, hyper, method, steps):
+    _, x0, opt = _box_and_optimizer(images, masks, keys, hyper, method, steps)
     return x0, opt.init(x0), jnp.zeros_like(x0)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "steps", "chunk", "unroll"))
-def _advance(log_prob, images, masks, keys, hp, carry, first, method, steps, chunk, unroll):
+def _run_steps(log_prob, images, masks, keys, hyper, carry, first, method, steps, chunk, unroll):
     """Steps first .. first + chunk - 1 of the run from carry = (x, optimizer state, running
     weighted sum of the averaged iterates). The flow sees the whole batch at once: log p of
     image b depends on image b only, so the gradient of the summed loss is each image's own."""
-    project, _, opt = _setup(images, masks, keys, hp, method, steps)
+    project, _, opt = _box_and_optimizer(images, masks, keys, hyper, method, steps)
     x, opt_state, acc = carry
     res = projected_gradient(lambda v: -log_prob(v), project, x, opt, chunk,
                              return_trajectory=method == "annealed", opt_state=opt_state, unroll=unroll)
     if method == "annealed":  # average the iterates x_{k+1} of the last `average` fraction of the steps
-        w = averaged(first + jnp.arange(1, chunk + 1, dtype=jnp.float32), hp["average"], steps)
+        w = averaged(first + jnp.arange(1, chunk + 1, dtype=jnp.float32), hyper["average"], steps)
         acc = acc + jnp.tensordot(w, res.trajectory[1:], axes=1)
     return (res.x, res.opt_state, acc), res.losses.T
 
 
-def mode_search(log_prob, images, masks, keys, hp, method, steps):
+def mode_search(log_prob, images, masks, keys, hyper, method, steps):
     """images (B, H, W, C), masks (H, W, C) or (B, H, W, C), keys (B,) -> (inpainted, losses
     (B, steps)). One scan on GPU/TPU; on CPU unrolled chunks of CPU_CHUNK steps."""
-    carry = _init(images, masks, keys, hp, method, steps)
+    carry = _initial_carry(images, masks, keys, hyper, method, steps)
     carry, losses = run_chunks(
-        lambda c, first, n, unroll: _advance(log_prob, images, masks, keys, hp, c, first, method,
+        lambda c, first, n, unroll: _run_steps(log_prob, images, masks, keys, hyper, c, first, method,
                                              steps, n, unroll), carry, steps, images.shape[0])
     x, _, acc = carry
     if method == "pgd" or steps == 0:
         return x, losses
-    total = averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hp["average"], steps).sum()
-    project, _, _ = _setup(images, masks, keys, hp, method, steps)
+    total = averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hyper["average"], steps).sum()
+    project, _, _ = _box_and_optimizer(images, masks, keys, hyper, method, steps)
     return project(acc / total), losses  # re-projected: observed pixels exact again
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "chunk", "unroll"))
-def _langevin_advance(log_prob, images, masks, keys, hp, carry, first, steps, chunk, unroll):
+def _langevin_steps(log_prob, images, masks, keys, hyper, carry, first, steps, chunk, unroll):
     """Steps first .. first + chunk - 1 of the chains u (B, K, H, W, C); acc sums the averaged
     sigmoid(u). Returns the new carry and -log p of each step's starting iterates, mean over
     the chains (B, chunk)."""
@@ -200,11 +200,11 @@ def _langevin_advance(log_prob, images, masks, keys, hp, carry, first, steps, ch
             return ld.sum(), lp
 
         (_, lp), grad = jax.value_and_grad(objective, has_aux=True)(u)
-        grad = jnp.clip(jnp.nan_to_num(grad), -hp["grad_clip"], hp["grad_clip"])
+        grad = jnp.clip(jnp.nan_to_num(grad), -hyper["grad_clip"], hyper["grad_clip"])
         count = (first + i).astype(jnp.int32)
         noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, count), u.shape[1:]))(keys)
-        u = jnp.where(observed, 0.0, u + hp["lr"] * grad + jnp.sqrt(2.0 * hp["lr"]) * noise)
-        w = averaged(first + i + 1.0, hp["average"], steps)
+        u = jnp.where(observed, 0.0, u + hyper["lr"] * grad + jnp.sqrt(2.0 * hyper["lr"]) * noise)
+        w = averaged(first + i + 1.0, hyper["average"], steps)
         return (u, acc + w * jax.nn.sigmoid(u)), -lp.mean(1)
 
     carry, losses = jax.lax.scan(step, carry, jnp.arange(chunk, dtype=jnp.float32),
@@ -212,15 +212,15 @@ def _langevin_advance(log_prob, images, masks, keys, hp, carry, first, steps, ch
     return carry, losses.T
 
 
-def langevin(log_prob, images, masks, keys, hp, steps, chains):
+def langevin(log_prob, images, masks, keys, hyper, steps, chains):
     """(posterior-mean estimate (B, H, W, C), losses (B, steps)); chunks as `mode_search`."""
     shape = (images.shape[0], chains, *images.shape[1:])
-    start = jnp.clip(hp["init"], INIT_EPS, 1.0 - INIT_EPS)  # a finite logit
+    start = jnp.clip(hyper["init"], INIT_EPS, 1.0 - INIT_EPS)  # a finite logit
     u = jnp.full(shape, jax.scipy.special.logit(start), jnp.float32)
     carry, losses = run_chunks(
-        lambda c, first, n, unroll: _langevin_advance(log_prob, images, masks, keys, hp, c, first,
+        lambda c, first, n, unroll: _langevin_steps(log_prob, images, masks, keys, hyper, c, first,
                                                       steps, n, unroll),
         (u, jnp.zeros(shape, jnp.float32)), steps, images.shape[0])
-    total = averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hp["average"], steps).sum()
-    fill = carry[1].mean(1) / total if steps else jnp.full(images.shape, hp["init"])
+    total = averaged(jnp.arange(1, steps + 1, dtype=jnp.float32), hyper["average"], steps).sum()
+    fill = carry[1].mean(1) / total if steps else jnp.full(images.shape, hyper["init"])
     return jnp.where(masks, images, jnp.clip(fill, 0.0, 1.0)), losses
