@@ -24,7 +24,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from experiments.common import one_cpu_device_per_core, save_figure
+from experiments.common import ArgumentParser, one_cpu_device_per_core, save_figure
 
 one_cpu_device_per_core()  # the sharded paths use every core
 
@@ -40,12 +40,6 @@ NAIVE_BITS = 16  # q = p to within 2^-17: plain Monte Carlo up to negligible wei
 DP_LIMIT = 5 * 10**7  # games * target above which "optimal" adapts q by simulation
 JSON_KEYS = ("exact", "estimate", "std_error", "ci95", "relative_error",
              "relative_error_per_path_exact", "proposal", "q", "paths", "paths_per_second")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2, no usage dump
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
 
 
 def _int(text: str) -> int:
@@ -64,7 +58,7 @@ def _fraction(text: str) -> float:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     ap.add_argument("--start", type=_int, default=100, help="starting balance (default 100)")
     ap.add_argument("--target", type=_int, default=200, help="target balance (default 200)")
     ap.add_argument("--p", type=_fraction, default=18 / 37,

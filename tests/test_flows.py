@@ -178,12 +178,12 @@ def test_module_defaults_are_the_registry_configs():
 # ----------------------------------------------------------------------------- the distrax view
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_params):
-    """FlowBijector: exact round trip, forward log-det = -inverse log-det = slogdet of the
-    brute-force Jacobian of the forward map; FlowDistribution.log_prob is the model's and
-    composes with distrax (Transformed of the prior by the bijector); samples lie in [0, 1]."""
+    """FlowBijector: exact round trip, forward log-det = -inverse log-det (the inverse is the
+    model's encode, whose log-det is checked against the brute-force Jacobian above);
+    FlowDistribution.log_prob is the model's and composes with distrax (Transformed of the prior
+    by the bijector); samples lie in [0, 1]."""
     x, all_params = model_params
     model, params = MODELS[name], all_params[name]
     bij, dist = FlowBijector(model, params), FlowDistribution(model, params)
@@ -193,19 +193,17 @@ def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_para
     x_back, fwd_log_det = bij.forward_and_log_det(z)
     np.testing.assert_allclose(x_back, x, atol=1e-4)
     np.testing.assert_allclose(fwd_log_det, -inv_log_det, rtol=1e-5, atol=1e-3)
-    with jax.enable_x64(True):
-        b64 = FlowBijector(model, to64(params))
-        reported, brute = logdet_check(b64.forward_and_log_det, jnp.asarray(z[:1], jnp.float64))
-    np.testing.assert_allclose(reported, brute, rtol=1e-8, atol=1e-5)
     want = jax.jit(lambda p, v: model.apply(p, v, method=model.log_prob))(params, x)
     np.testing.assert_allclose(dist.log_prob(x), want, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda d, v: d.log_prob(v))(dist, x), want, rtol=1e-6)
-    chex.assert_shape(dist.log_prob(x[0]), ())  # one image: a scalar
+    if name == "nice":  # the cheapest model: any batch shape in front of the event
+        chex.assert_shape(dist.log_prob(x[0]), ())
+        chex.assert_shape(dist.sample(seed=jax.random.key(4), sample_shape=(1, 2)), (1, 2, 28, 28, 1))
     prior = distrax.Logistic if name == "nice" else distrax.Normal
     base = distrax.Independent(prior(jnp.zeros(x.shape), jnp.ones(x.shape)), 3)  # (2,): rank promotion is an error here
     np.testing.assert_allclose(distrax.Transformed(base, bij).log_prob(x), want, rtol=1e-5, atol=2e-3)
-    samples, log_p = dist.sample_and_log_prob(seed=jax.random.key(3), sample_shape=(2, 3))
-    chex.assert_shape((samples, log_p), ((2, 3, 28, 28, 1), (2, 3)))
+    samples, log_p = dist.sample_and_log_prob(seed=jax.random.key(3), sample_shape=(2,))  # batch 2: compiled
+    chex.assert_shape((samples, log_p), ((2, 28, 28, 1), (2,)))
     assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
     np.testing.assert_allclose(log_p, dist.log_prob(samples), rtol=1e-6)
     with pytest.raises(ValueError, match="event shape"):

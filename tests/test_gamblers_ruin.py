@@ -1,9 +1,11 @@
 """Gambler's ruin (P5): exact DP, unbiased importance sampling, invariance to chunks and devices,
-q rounding, adaptive q, and the experiment's command line.
+q rounding, the random bits' statistics, adaptive q, and the experiment's command line.
 
 Unbiasedness is a z-test at a fixed key: |estimate - P| < 5 sd / sqrt(N) with sd the exact
 standard deviation of one weighted path (from the DP), so the tolerance follows the sample
-count. Each kernel configuration compiles once (about 2 s), so the cases share them.
+count. The random words are z-tested at a fixed key too (frequencies and serial correlations,
+Bonferroni thresholds at a family-wise level ALPHA). Each kernel configuration compiles once
+(about 2 s), so the cases share them.
 """
 
 import functools
@@ -11,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -22,6 +25,7 @@ import pytest
 
 from experiments import gamblers_ruin as cli
 from jaxdnn import gamblers_ruin as gr
+from jaxdnn.gamblers_ruin import bits as random_bits
 
 COURSE = gr.COURSE
 SMALL = {"start": 3, "target": 10, "p": 0.3, "games": 20}  # odd start: one game per step
@@ -129,6 +133,82 @@ def test_quantize():
         gr.quantize(0.999, 8)
     with pytest.raises(ValueError, match="q must be"):
         gr.quantize(1.5, 8)
+
+
+# ----------------------------------------------------------------------------- random bits
+
+ALPHA = 1e-4  # family-wise false-alarm rate of each statistical test of the random words
+BLOCKS, TILES = 8, 4  # 8 blocks x 4 tiles x 2048 words x 32 bits = 2^21 bits per draw
+
+
+def z_threshold(tests: int) -> float:
+    """Two-sided |z| bound of `tests` z-tests at family-wise level ALPHA (Bonferroni)."""
+    return statistics.NormalDist().inv_cdf(1 - ALPHA / (2 * tests))
+
+
+def correlation_z(x, y) -> float:
+    """sqrt(n) x Pearson correlation of n paired bits: about N(0, 1) for independent bits
+    (nan, so failing any bound, when one side is constant)."""
+    x, y = x.reshape(-1).astype(np.float64), y.reshape(-1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.corrcoef(x, y)[0, 1]) * math.sqrt(x.size)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def bernoulli_words(key, k, bits):
+    """(BLOCKS, TILES, TILE / 2) uint32 words of Bernoulli(k / 2^bits) bits, drawn the way
+    the constant-q kernel draws its masks: threefry offsets per (tile key, block, plane),
+    hashed Weyl lanes, bit-sliced compare (bit i of word w: game i % 16 of lane 2 w + i // 16).
+    k = 1, bits = 1 gives the complement of the raw hashed words the state kernel reads."""
+    offsets = random_bits.block_offsets(random_bits.tile_keys(key, 0, TILES), BLOCKS, (bits,))
+    lanes = random_bits.lane_weyl(gr.TILE // 2)[None]
+    return random_bits.bernoulli_words(lanes, offsets, random_bits.k_planes(k, bits))
+
+
+def unpack_bits(words):
+    """(..., 32) uint8 bits of uint32 words, least significant first."""
+    return ((words[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("k,bits", [(1, 1), (5, 4), (141, 8), (36045, 16)],
+                         ids=["raw-words", "5/16", "141/256", "36045/65536"])
+def test_random_words_are_independent_bernoulli_bits(k, bits):
+    """2^21 bits at a fixed key: every bit position wins with probability k / 2^bits, and
+    consecutive games, the two lanes of a word, consecutive words, blocks and tiles are
+    uncorrelated."""
+    q = k / (1 << bits)
+    b = unpack_bits(np.asarray(bernoulli_words(jax.random.key(11), k, bits)))
+    games = b.reshape(*b.shape[:-1], 2, 16)  # a lane's 16 consecutive games
+    pairs = {
+        "consecutive games": (games[..., :-1], games[..., 1:]),
+        "lanes 2i, 2i + 1": (b[..., :16], b[..., 16:]),
+        "consecutive words": (b[:, :, :-1], b[:, :, 1:]),
+        "consecutive blocks": (b[:-1], b[1:]),
+        "consecutive tiles": (b[:, :-1], b[:, 1:]),
+    }
+    bound = z_threshold(32 + 1 + len(pairs))
+    per_position = b.reshape(-1, 32)
+    n = per_position.shape[0]
+    z_bits = (per_position.mean(0) - q) / math.sqrt(q * (1 - q) / n)
+    assert np.all(np.abs(z_bits) < bound), (bound, np.round(z_bits, 2))
+    z_all = (b.mean() - q) / math.sqrt(q * (1 - q) / b.size)  # a won game: k / 2^bits
+    assert abs(z_all) < bound, (bound, z_all)
+    for name, (x, y) in pairs.items():
+        z = correlation_z(x, y)
+        assert abs(z) < bound, (name, bound, z)
+
+
+def test_raw_words_win_the_state_kernels_games_with_probability_k_over_2_bits():
+    """The state kernel reads `bits`-bit fields of raw hashed words and wins when field < k:
+    per field position (4 of 8 bits, 2 of 16 bits), the win frequency is k / 2^bits."""
+    raw = ~np.asarray(bernoulli_words(jax.random.key(11), 1, 1)).reshape(-1)
+    cases = [(8, 141, j) for j in range(4)] + [(16, 36045, j) for j in range(2)]
+    bound = z_threshold(len(cases))
+    for bits, k, j in cases:
+        q = k / (1 << bits)
+        wins = ((raw >> np.uint32(bits * j)) & np.uint32((1 << bits) - 1)) < k
+        z = (wins.mean() - q) / math.sqrt(q * (1 - q) / wins.size)
+        assert abs(z) < bound, (bits, k, j, bound, z)
 
 
 # ----------------------------------------------------------------------------- simulation
