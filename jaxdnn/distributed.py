@@ -92,6 +92,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=int(timeout) + 60)
+    except ValueError as e:
+        if coordinator is None:
+            raise ValueError(f"--cluster auto found no SLURM or Open MPI job to join ({e})") from None
+        raise
     finally:
         watchdog.cancel()
     return True
