@@ -27,13 +27,15 @@ diagnostics on small parameter vectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import distrax
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jex_core
+
+from jaxdnn.jaxpr_dependence import dependent_inputs
 
 PyTree = Any
 MakeDist = Callable[[PyTree], distrax.Distribution]
@@ -125,6 +127,15 @@ def leave_one_out_mean(values: jax.Array, axis: int = 0) -> jax.Array:
         raise ValueError(f"leave-one-out needs at least 2 samples along axis {axis}, got {n}")
     total = jnp.sum(values, axis=axis, keepdims=True)
     return (total - values) / (n - 1)
+
+
+def standard_error(per_sample: PyTree) -> PyTree:
+    """Monte Carlo standard error of the estimate (the mean of per-sample gradients, leading
+    axis = samples): std (ddof=1) / sqrt(num_samples), per coordinate, a pytree like one sample.
+
+    Traceable (jit/vmap); `jaxdnn.train.mean_and_stderr` is the host-side (NumPy, float64)
+    counterpart for a 1-D array of per-image scores."""
+    return jax.tree.map(lambda a: jnp.std(a, axis=0, ddof=1) / math.sqrt(a.shape[0]), per_sample)
 
 
 def trace_covariance(per_sample: PyTree) -> jax.Array:
@@ -275,54 +286,12 @@ def _float_leaf(a: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
 
 
-def _jaxpr_dependence(jaxpr, in_deps: list[frozenset[int]]) -> list[frozenset[int]]:
-    """Which inputs (by index set) each output of `jaxpr` can depend on.
-
-    Exact through calls whose body is a jaxpr (jit, custom_jvp/vjp calls, remat);
-    conservative elsewhere (every output of an equation depends on all its inputs).
-    Non-float values get no dependence: in a tangent (JVP) program, tangents are
-    floats and never decide an index or a branch.
-    """
-    deps: dict[Any, frozenset[int]] = dict(zip(jaxpr.invars, in_deps, strict=True))
-
-    def dep(v):
-        return frozenset() if isinstance(v, jex_core.Literal) else deps.get(v, frozenset())
-
-    for eqn in jaxpr.eqns:
-        ins = [dep(v) for v in eqn.invars]
-        sub = None
-        for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-            cand = eqn.params.get(name)
-            cand = getattr(cand, "jaxpr", cand)  # ClosedJaxpr -> Jaxpr
-            if (isinstance(cand, jex_core.Jaxpr) and len(cand.invars) == len(ins)
-                    and len(cand.outvars) == len(eqn.outvars)):
-                sub = cand
-                break
-        if sub is not None:
-            outs = _jaxpr_dependence(sub, ins)
-        else:
-            outs = [frozenset().union(*ins)] * len(eqn.outvars)
-        for v, d in zip(eqn.outvars, outs, strict=True):
-            floating = jnp.issubdtype(getattr(v.aval, "dtype", jnp.float32), jnp.inexact)
-            deps[v] = d if floating else frozenset()
-    return [dep(v) for v in jaxpr.outvars]
-
-
-def _dependence(fn: Callable[..., jax.Array], num_inputs: int, args: list[jax.Array]) -> set[int]:
-    """Indices of `args` that the output of `fn(*args)` can depend on (trace-time analysis).
-
-    Conservative: a returned index may be spurious, a missing index is certain independence.
-    """
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    outs = _jaxpr_dependence(jaxpr, [frozenset([i]) for i in range(len(jaxpr.invars))])
-    return {i for d in outs for i in d if i < num_inputs}
-
-
 def check_reparameterizable(key: jax.Array, make_dist: MakeDist, params: PyTree) -> None:
     """Raises `NotReparameterizableError` if a sample of make_dist(params) is not a
     differentiable function of every parameter leaf that its log-density depends on.
 
-    Runs at trace time (works under jit/vmap/grad); costs one extra trace.
+    Runs at trace time (works under jit/vmap/grad); costs one extra trace of the sampler's
+    JVP and of the log-density (`jaxdnn.jaxpr_dependence.dependent_inputs` on each).
     """
     dist = make_dist(params)
     x = dist.sample(seed=key)
@@ -355,8 +324,8 @@ def check_reparameterizable(key: jax.Array, make_dist: MakeDist, params: PyTree)
     def logp_of_params(*fl):
         return make_dist(rebuild(fl)).log_prob(x_fixed)
 
-    sample_deps = _dependence(sample_tangent, len(idx), primals)
-    density_deps = _dependence(logp_of_params, len(idx), primals)
+    sample_deps = dependent_inputs(sample_tangent, len(idx), primals)
+    density_deps = dependent_inputs(logp_of_params, len(idx), primals)
     missing = sorted(density_deps - sample_deps)
     if missing:
         paths = jax.tree_util.tree_flatten_with_path(params)[0]

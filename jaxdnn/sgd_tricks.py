@@ -313,7 +313,7 @@ def exact_points() -> dict[str, StationaryPoint]:
 
 VARIANCE_METHODS = (
     "log_derivative",
-    "log_derivative_mean_baseline",
+    "log_derivative_rloo",
     "log_derivative_optimal_baseline",
     "log_derivative_rloo_batch16",
     "reparameterization",
@@ -331,7 +331,7 @@ def _variance_chunk(key: jax.Array, index, theta: jax.Array, chunk: int, rloo_ba
 
     for name, baseline in (
         ("log_derivative", "none"),
-        ("log_derivative_mean_baseline", "rloo"),  # leave-one-out mean over `chunk` samples
+        ("log_derivative_rloo", "rloo"),  # leave-one-out mean over `chunk` samples
         ("log_derivative_optimal_baseline", "optimal"),
     ):
         est = estimators.score_function(
@@ -364,8 +364,8 @@ def gradient_variances(
     """Trace of the covariance, in (mu, tau), of the per-sample gradient of E[X sin X]
     for each method in `VARIANCE_METHODS`, from `num_samples` samples (in chunks).
 
-    "mean_baseline" uses the leave-one-out mean over a chunk (= the mean of f up to
-    O(1/chunk)); "optimal_baseline" the per-coordinate optimal scalar b_j =
+    "rloo" uses the leave-one-out (RLOO) mean of f over a chunk (= the mean of f up to
+    O(1/chunk), so it stands for the mean baseline); "optimal_baseline" the per-coordinate optimal scalar b_j =
     E[f s_j^2]/E[s_j^2], leave-one-out over a chunk; "rloo_batch16" reports
     16 * trace Cov of the batch-16 RLOO estimate (its effective per-sample variance).
     The fourth moments here are heavy-tailed (f s_tau ~ x^3), so the default uses
@@ -382,7 +382,8 @@ def gradient_variances(
         if progress is not None:
             progress()
     result = {}
-    for name, sums in total.items():
+    for name in VARIANCE_METHODS:  # in this order (a jitted dict comes back key-sorted)
+        sums = total[name]
         n = num_samples // rloo_batch if name == "log_derivative_rloo_batch16" else num_samples
         mean = sums[0] / n
         var = (sums[1] / n - mean**2) * n / (n - 1)

@@ -1,20 +1,12 @@
-"""Problem 1: the log-derivative trick for a VAE, beside the reparameterization trick.
+"""Problem 1: a VAE trained with the log-derivative trick or the reparameterization trick.
 
-For q_phi(z) differentiable in phi and h(z) > 0 (docs/problems.md, P1):
-
-    grad_phi E_q[log(h(Z) / q_phi(Z))] = E_q[(grad_phi log q_phi(Z)) log(h(Z) / q_phi(Z))]
-
-(the extra term E[grad_phi log q_phi] vanishes). With h(z) = p_theta(x, z) the left
-side is the encoder gradient of the ELBO. This module has
-
-- `p1_identity_check`: both sides of the identity for a diagonal Gaussian q and
-  h(z) = exp(-a |z|^2 / 2 + b . z), whose left side is known in closed form;
-- a VAE (Flax Linen MLP encoder/decoder, diagonal Gaussian latent, standard normal
-  prior, Bernoulli decoder) on dynamically binarized MNIST, whose encoder gradient
-  is either the log-derivative form above (optionally with a leave-one-out RLOO
-  baseline over the samples of each data point) or the pathwise one, with the same
-  number of latent samples per data point; the decoder gradient is the same in
-  both. `evaluate` gives the ELBO and the importance-weighted bound (IWAE, k samples).
+A VAE (Flax Linen MLP encoder/decoder, diagonal Gaussian latent, standard normal prior,
+Bernoulli decoder) on dynamically binarized MNIST, whose encoder gradient is either the
+log-derivative form grad_phi E_q[log(p(x, Z) / q_phi(Z))] = E_q[(grad_phi log q_phi) log(p/q)]
+(optionally with a leave-one-out RLOO baseline over the samples of each data point) or the
+pathwise one, with the same number of latent samples per data point; the decoder gradient is
+the same in both. `evaluate` gives the ELBO and the importance-weighted bound (IWAE, k
+samples). The numerical check of the identity itself is `jaxdnn.log_derivative_identity`.
 
 Images are NHWC float32 (B, 28, 28, 1) in [0, 1] (Bernoulli means) or uint8 (B, 28, 28).
 """
@@ -43,89 +35,19 @@ NUM_PIXELS = 784
 
 
 # --------------------------------------------------------------------------------------
-# The P1 identity.
-
-
-class IdentityCheck(NamedTuple):
-    """Gradients w.r.t. (mu, log_sigma), each of shape (2, d).
-
-    exact: closed-form grad of E_q[log(h/q)] (the left side).
-    log_derivative / log_derivative_stderr: Monte Carlo right side E_q[(grad log q) log(h/q)].
-    pathwise / pathwise_stderr: Monte Carlo left side by reparameterization.
-    """
-
-    exact: jax.Array
-    log_derivative: jax.Array
-    log_derivative_stderr: jax.Array
-    pathwise: jax.Array
-    pathwise_stderr: jax.Array
-
-    def z_scores(self) -> tuple[jax.Array, jax.Array]:
-        return ((self.log_derivative - self.exact) / self.log_derivative_stderr,
-                (self.pathwise - self.exact) / self.pathwise_stderr)
-
-
-def _gaussian(params: dict) -> distrax.Distribution:
-    return distrax.MultivariateNormalDiag(params["mu"], jnp.exp(params["log_sigma"]))
-
-
-@functools.partial(jax.jit, static_argnames=("a", "b", "num_samples"))
-def p1_identity_check(
-    key: jax.Array,
-    mu: jax.Array,
-    log_sigma: jax.Array,
-    a: float = 1.0,
-    b: float = 0.5,
-    num_samples: int = 100_000,
-) -> IdentityCheck:
-    """Both sides of the P1 identity for q = N(mu, diag(exp(log_sigma))^2) in d dimensions
-    and h(z) = exp(-a |z|^2 / 2 + b sum(z)) > 0.
-
-    Exact left side: E_q[log h] = -a (|mu|^2 + sum sigma^2) / 2 + b sum(mu) and
-    E_q[-log q] = sum(log sigma) + d log(2 pi e) / 2, so the gradient is
-    (-a mu + b, 1 - a sigma^2).
-    """
-    mu = jnp.atleast_1d(jnp.asarray(mu, jnp.float32))
-    log_sigma = jnp.atleast_1d(jnp.asarray(log_sigma, jnp.float32))
-    if mu.shape != log_sigma.shape or mu.ndim != 1:
-        raise ValueError(f"mu and log_sigma must be vectors of one shape, got {mu.shape}, "
-                         f"{log_sigma.shape}")
-    params = {"mu": mu, "log_sigma": log_sigma}
-    log_h = lambda z: -0.5 * a * jnp.sum(z**2) + b * jnp.sum(z)
-    exact = jnp.stack([-a * mu + b, 1.0 - a * jnp.exp(2 * log_sigma)])
-
-    k_score, k_path = jax.random.split(key)
-    # Right side: the score-function estimator with f = log(h/q_phi) at the current phi
-    # (treated as a constant, exactly the integrand of the identity's right side).
-    f = lambda z: log_h(z) - _gaussian(params).log_prob(z)
-    rhs = estimators.score_function(k_score, _gaussian, params, f, num_samples,
-                                    return_per_sample=True)
-
-    # Left side by reparameterization, differentiating log q_phi in phi as well.
-    def per_sample_lhs(p, eps):
-        z = p["mu"] + jnp.exp(p["log_sigma"]) * eps
-        return log_h(z) - _gaussian(p).log_prob(z)
-
-    eps = jax.random.normal(k_path, (num_samples, mu.shape[0]))
-    lhs = jax.vmap(jax.grad(per_sample_lhs), in_axes=(None, 0))(params, eps)
-
-    def stack(tree):
-        return jnp.stack([tree["mu"], tree["log_sigma"]], axis=-2)
-
-    def mean_and_stderr(tree):
-        g = stack(tree)
-        return g.mean(0), g.std(0, ddof=1) / math.sqrt(num_samples)
-
-    ld, ld_se = mean_and_stderr(rhs.per_sample)
-    pw, pw_se = mean_and_stderr(lhs)
-    return IdentityCheck(exact, ld, ld_se, pw, pw_se)
-
-
-# --------------------------------------------------------------------------------------
 # Model.
 
 
-class MLP(nn.Module):
+class EncoderDecoderMLP(nn.Module):
+    """The VAE's encoder and decoder network: `depth` Dense + ReLU layers of width `hidden`,
+    then a Dense layer to `out`, every layer with Flax's default (LeCun normal) init.
+
+    Not `jaxdnn.flows.layers.MLP`, whose last layer is zero-initialized so that a coupling
+    starts as the identity: here that would start every encoder at q(z | x) = N(0, I) and
+    the decoder at logits 0 whatever the input (and give the earlier layers zero gradient at
+    the first step), a different initialization and so different results.
+    """
+
     hidden: int
     depth: int
     out: int
@@ -145,8 +67,8 @@ class VAE(nn.Module):
     depth: int = 1
 
     def setup(self):
-        self.encoder = MLP(self.hidden, self.depth, 2 * self.latent)
-        self.decoder = MLP(self.hidden, self.depth, NUM_PIXELS)
+        self.encoder = EncoderDecoderMLP(self.hidden, self.depth, 2 * self.latent)
+        self.decoder = EncoderDecoderMLP(self.hidden, self.depth, NUM_PIXELS)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         h = self.encoder(x)
@@ -270,23 +192,24 @@ def surrogate_loss(
     return -surrogate, {"elbo": elbo}
 
 
-class TrainState(train_state.TrainState):
-    pass
+class VAEState(train_state.TrainState):
+    """Flax's `TrainState` (step, params, Adam state) of a VAE; a different thing from
+    `jaxdnn.train.TrainState`, the flows' NamedTuple that also counts skipped updates."""
 
 
-def init_state(key: jax.Array, config: VAEConfig) -> TrainState:
+def init_state(key: jax.Array, config: VAEConfig) -> VAEState:
     """Parameters and Adam state, built in one compiled call."""
     config.validate()
     return _init_state(key, config.model(), config.lr)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "lr"))
-def _init_state(key: jax.Array, model: VAE, lr: float) -> TrainState:
+def _init_state(key: jax.Array, model: VAE, lr: float) -> VAEState:
     params = model.init(key, jnp.zeros((1, NUM_PIXELS), jnp.float32))
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(lr))
+    return VAEState.create(apply_fn=model.apply, params=params, tx=optax.adam(lr))
 
 
-def train_step(state: TrainState, probs: jax.Array, key: jax.Array, config: VAEConfig):
+def train_step(state: VAEState, probs: jax.Array, key: jax.Array, config: VAEConfig):
     """(state, batch of Bernoulli means (B, 784), key) -> (state, metrics); pure."""
     k_bin, k_z = jax.random.split(key)
     x = binarize(k_bin, probs)
@@ -298,7 +221,7 @@ def train_step(state: TrainState, probs: jax.Array, key: jax.Array, config: VAEC
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnums=0)
-def train_steps(state: TrainState, batches: jax.Array, key: jax.Array, config: VAEConfig):
+def train_steps(state: VAEState, batches: jax.Array, key: jax.Array, config: VAEConfig):
     """`train_step` over batches (T, B, 784) in one lax.scan; step s uses fold_in(key, s)."""
 
     def body(state, batch):
@@ -371,8 +294,8 @@ def train(
     *,
     chunk: int = 100,
     progress: Callable[[Iterable], Iterable] | None = None,
-    on_epoch: Callable[[int, TrainState, dict], None] | None = None,
-) -> tuple[TrainState, list[dict]]:
+    on_epoch: Callable[[int, VAEState, dict], None] | None = None,
+) -> tuple[VAEState, list[dict]]:
     """Trains for `epochs` epochs of shuffled batches (ragged tail dropped); returns the
     state and per-epoch metrics (mean training ELBO estimate, seconds). `chunk` bounds the
     number of steps per compiled `train_steps` call.

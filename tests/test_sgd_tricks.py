@@ -30,6 +30,7 @@ def test_closed_form_matches_monte_carlo(key, mu, sigma):
     assert abs(f.mean() - float(S.expected_xsinx(mu, sigma))) < Z * se
 
 
+@pytest.mark.slow
 def test_exact_stationary_points():
     local, glob = S.basin_minima(np.array([[0.0, 1.0], [2.0, 2.0]]))
     saddle = S.stationary_point(0.9, 1.2)
@@ -41,8 +42,14 @@ def test_exact_stationary_points():
             jnp.array([point.mu, math.log(point.sigma)])))) < 1e-4
     np.testing.assert_allclose([local.value, glob.value], [LOCAL[2], GLOBAL[2]], atol=2e-6)
     assert glob.value < local.value
+    # the starts go in fixed-size groups: one compilation serves any number of them
+    compiled = S._stationary._cache_size()
+    assert len(S.basin_minima(np.tile([[0.5, 1.5]], (S._PAD + 1, 1)))) == S._PAD + 1
+    np.testing.assert_allclose(S.basin_minimum(2.0, 2.0)[:3], glob[:3], rtol=1e-6)
+    assert S._stationary._cache_size() == compiled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", S.ESTIMATORS)
 def test_stochastic_gradient_unbiased(key, estimator):
     """Mean of many batch-16 gradients of the whole objective vs jax.grad of the closed form."""
@@ -75,17 +82,43 @@ def test_seeds_vmapped_and_deterministic(key):
     assert not np.allclose(r.final[0], r.final[1])  # different seeds, different runs
 
 
+def test_key_and_start_do_not_recompile(key):
+    """run_sgd's promise: jit/vmap friendly in key, init_mu, init_tau (traced; the other
+    settings are static): another key and start reuse the compiled run_seeds."""
+    kw = dict(iterations=60, batch=8, baseline="moving_average", average_from=30)  # as above
+    S.run_seeds(key, 3, "log_derivative", **kw)
+    compiled = S._run_seeds._cache_size()
+    r = S.run_seeds(jax.random.fold_in(key, 7), 3, "log_derivative", init_mu=0.5, init_tau=-0.3,
+                    **kw)
+    assert S._run_seeds._cache_size() == compiled
+    chex.assert_trees_all_close(r.trajectory[:, 0], jnp.broadcast_to(jnp.array([0.5, -0.3]),
+                                                                     (3, 2)))
+
+
+@pytest.mark.slow
 def test_variance_figures_at_local_minimum(key):
     """Trace of the per-sample gradient covariance of the E[X sin X] term at the local
-    minimum against the exact figures (score 5.36, mean baseline 2.48, per-coordinate
-    optimal baselines 1.32, pathwise 0.83), within 5%."""
+    minimum against the exact figures (score 5.36, RLOO over a chunk = mean baseline 2.48,
+    per-coordinate optimal baselines 1.32, pathwise 0.83), within 5%."""
     v = S.gradient_variances(key, LOCAL[0], LOCAL[1], num_samples=1 << 21)
-    ref = {"log_derivative": 5.36, "log_derivative_mean_baseline": 2.48,
+    ref = {"log_derivative": 5.36, "log_derivative_rloo": 2.48,
            "log_derivative_optimal_baseline": 1.32, "reparameterization": 0.83}
     for name, value in ref.items():
         assert v[name] == pytest.approx(value, rel=0.05), (name, v[name])
     # RLOO at batch 16 costs a factor about 16/15 over the exact mean baseline
     assert v["log_derivative_rloo_batch16"] == pytest.approx(2.48 * 16 / 15, rel=0.05)
+    assert set(v) == set(S.VARIANCE_METHODS)
+
+
+def test_variance_point_key_and_chunk_do_not_recompile(key):
+    """gradient_variances at another point, key and chunk index reuses the compiled chunk
+    (the CLI evaluates 2 points x 16 chunks)."""
+    small = dict(num_samples=1 << 11, chunk=1 << 10)  # a chunk size of this test only
+    compiled = S._variance_chunk._cache_size()
+    first = S.gradient_variances(key, 0.0, 1.0, **small)
+    second = S.gradient_variances(jax.random.fold_in(key, 1), LOCAL[0], LOCAL[1], **small)
+    assert S._variance_chunk._cache_size() == compiled + 1
+    assert first != second
 
 
 def test_bad_sgd_arguments(key):
@@ -103,6 +136,7 @@ KEYS = {"exact", "log_derivative", "reparameterization", "variance"}
 SMALL = ["--iterations", "40", "--seeds", "2", "--variance-samples", str(1 << 20)]
 
 
+@pytest.mark.slow
 def test_cli_json(tmp_path, capsys):
     assert cli.main([*SMALL, "--json", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

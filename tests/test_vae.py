@@ -14,6 +14,7 @@ import pytest
 
 from experiments import vae as cli
 from jaxdnn import vae as V
+from jaxdnn.log_derivative_identity import p1_identity_check
 
 Z = 5.0
 
@@ -23,8 +24,8 @@ TINY = dict(latent=2, hidden=8, depth=1, batch=16)
 def test_p1_identity(key):
     """Both sides of the identity agree with the closed form within Monte Carlo error
     (z-scores from the sample count), and a visibly non-zero gradient is at stake."""
-    r = V.p1_identity_check(key, jnp.array([-0.3, -0.5, 1.2]), jnp.array([0.1, -0.6, 0.4]),
-                            a=1.5, b=0.5, num_samples=100_000)
+    r = p1_identity_check(key, jnp.array([-0.3, -0.5, 1.2]), jnp.array([0.1, -0.6, 0.4]),
+                          a=1.5, b=0.5, num_samples=100_000)
     chex.assert_shape(r.exact, (2, 3))
     z_ld, z_pw = r.z_scores()
     assert np.all(np.abs(np.asarray(z_ld)) < Z), z_ld
@@ -35,7 +36,7 @@ def test_p1_identity(key):
 def test_p1_identity_detects_a_wrong_side(key):
     """Power: the same z-test rejects a right side off by the entropy gradient (1 in
     d/dlog_sigma, i.e. the entropy term counted twice)."""
-    r = V.p1_identity_check(key, jnp.array([0.3]), jnp.array([0.1]), num_samples=100_000)
+    r = p1_identity_check(key, jnp.array([0.3]), jnp.array([0.1]), num_samples=100_000)
     wrong = r.exact + jnp.array([[0.0], [1.0]])  # d/dlog_sigma of the entropy counted twice
     z = (r.log_derivative - wrong) / r.log_derivative_stderr
     assert np.max(np.abs(np.asarray(z))) > Z
@@ -57,6 +58,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", sorted(CONFIGS))
 def test_training_improves_elbo_on_synthetic_data(key, estimator):
     """30 Adam steps of either estimator raise the ELBO (fixed evaluation key) by a margin;
@@ -78,6 +80,17 @@ def test_training_improves_elbo_on_synthetic_data(key, estimator):
     assert w30 >= e30 - 1e-3
 
 
+def test_train_compiles_one_step_program(key):
+    """train's promise: its steps per call divide the epoch's steps, so one compiled
+    train_steps serves the whole run (6 steps per epoch, chunk 4 -> 2 calls of 3 steps)."""
+    cfg = CONFIGS["reparameterization"]
+    compiled = V.train_steps._cache_size()
+    state, history = V.train(key, cfg, _synthetic(key, 96), epochs=2, chunk=4)
+    assert V.train_steps._cache_size() == compiled + 1
+    assert [h["epoch"] for h in history] == [1, 2] and int(state.step) == 12
+
+
+@pytest.mark.slow
 def test_one_gradient_step_decreases_loss(key):
     """A small step along minus the reparameterized gradient lowers the loss at a fixed
     key (the same binarization and latent noise)."""
@@ -92,6 +105,7 @@ def test_one_gradient_step_decreases_loss(key):
     assert float(loss1) < float(loss0)
 
 
+@pytest.mark.slow
 def test_encoder_gradients_agree_in_expectation(key):
     """Log-derivative and pathwise encoder gradients estimate the same vector: z-test of
     their difference over 2048 independent one-sample estimates each, on the encoder's
