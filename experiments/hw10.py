@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from experiments.common import ArgumentParser, fail, save_figure
 
-IMAGES_DEFAULT, IMAGES_FAST = "0:16", "0:2"
+IMAGES_DEFAULT, IMAGES_FAST = "0:10", "0:2"  # P3: the 10 images its figures show (README: 100-image table)
 P3_MASKS = ("hw10", "top_half", "center")
 P3_METHODS = ("pgd", "annealed", "latent_map", "latent")  # the course's method, pixel vs latent space
 COST = {"p3_glow": 4, "p3_realnvp": 3, "p1_vae_reparameterization": 2, "p1_vae_log_derivative": 2}  # longest first
