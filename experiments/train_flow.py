@@ -70,11 +70,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop (with a checkpoint) after N steps of this invocation, as if killed")
+    parser.add_argument("--init-from", default=None, metavar="NAME",
+                        help="start from the shipped model NAME's weights (its model config) with a fresh "
+                             "optimizer and warm-up; ignored when the workdir holds a checkpoint")
     parser.add_argument("--export", action="store_true",
                         help="do not train: evaluate the workdir's checkpoint on the full test set and ship it "
                              "as jaxdnn/pretrained/<model>.msgpack with its card")
     args, rest = parser.parse_known_args(argv)
-    model_cfg, cfg = split_config(args.model, parse_overrides(rest, prog), prog)
+    overrides = parse_overrides(rest, prog)
+    if args.init_from is not None:
+        model_cfg_from = shipped_model_config(args.model, args.init_from, overrides, prog)
+        overrides = {**model_cfg_from, **overrides}
+    model_cfg, cfg = split_config(args.model, overrides, prog)
     workdir = Path(args.workdir or f"runs/{args.model}")
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = workdir / "checkpoint.msgpack", workdir / "metrics.jsonl"
@@ -112,6 +119,12 @@ def main(argv=None) -> int:
         print(f"resumed {workdir} at step {start}", file=sys.stderr)
     else:
         log_path.write_text("")
+        if args.init_from is not None:
+            from jaxdnn import pretrained
+
+            state = state._replace(params=pretrained.load(args.init_from)[1])
+            print(f"initialized from the shipped {args.init_from} (test bpd "
+                  f"{pretrained.card(args.init_from)['test_bpd']})", file=sys.stderr)
     if args.export:
         return export(args.model, workdir, state, model, test_images, k_eval, mesh, config, wall, rest)
     record_stage(workdir / "history.jsonl", argv, int(state.step), cfg["steps"])
@@ -182,6 +195,23 @@ def main(argv=None) -> int:
     plot_curve(log_path, workdir / "loss_curve.png", f"{args.model} on MNIST")
     print(json.dumps(final))
     return 0
+
+
+def shipped_model_config(model_name: str, shipped: str, overrides: dict, prog: str) -> dict:
+    """The model config of the shipped model `shipped`, checked against `--model` and any
+    `--config.` model keys (a shipped model's weights fit only its own architecture)."""
+    from jaxdnn import pretrained
+
+    try:
+        info = pretrained.card(shipped)
+    except ValueError as e:
+        fail(prog, str(e))
+    if info["model"] != model_name:
+        fail(prog, f"--init-from {shipped} is a {info['model']}, not a {model_name}")
+    clash = sorted(k for k in overrides if k in info["model_config"] and overrides[k] != info["model_config"][k])
+    if clash:
+        fail(prog, f"--init-from {shipped} fixes the model config; drop --config.{clash[0]}")
+    return info["model_config"]
 
 
 def command_line(argv) -> str:
