@@ -1,5 +1,6 @@
 """Test-set bits/dim of a shipped flow, and sample grids:
-`python -m experiments.evaluate_flow --model realnvp [--limit N] [--json] [--out DIR]`."""
+`python -m experiments.evaluate_flow --model realnvp [--limit N] [--json] [--out DIR]`; the
+evaluation runs on every device of every process (`--coordinator ...`), process 0 reports."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, print_json, save_figure
-from jaxdnn import pretrained
+from jaxdnn import distributed, pretrained
 
 
 def sample_grid(model, params, key, path, temperatures=(0.7, 1.0), n=64):
@@ -34,16 +35,20 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N test images (default all 10000)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default="results")
+    distributed.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.limit is not None and not 1 <= args.limit <= 10000:
         fail(prog, f"--limit must be in 1..10000, got {args.limit}")
     if args.model not in pretrained.available():
         fail(prog, f"no shipped weights for {args.model}; shipped: {pretrained.available()}")
+    distributed.initialize_from_args(args, prog)  # before anything touches a JAX backend
     t0 = time.time()
     try:
         result = pretrained.test_bpd(args.model, args.limit)
     except (FileNotFoundError, ValueError) as e:
         fail(prog, str(e))
+    if not distributed.is_main():
+        return 0
     model, params = pretrained.load(args.model)
     grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{args.model}.png")
     result["seconds"] = round(time.time() - t0, 1)

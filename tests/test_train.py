@@ -30,7 +30,7 @@ def test_train_steps_on_synthetic_data_decrease_the_loss():
         state, metrics = step(state, images, jax.random.key(1))
         losses.append(float(metrics["bpd"]))
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.03, losses  # step-to-step noise is ~0.01
-    assert int(state.skipped) == 0
+    assert train.skipped_updates(state) == (0, 0)
 
 
 def test_non_finite_update_is_skipped_and_counted():
@@ -41,29 +41,43 @@ def test_non_finite_update_is_skipped_and_counted():
     state = state._replace(params=jax.tree.map(lambda a: a * np.nan, state.params))
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = train.make_train_step(model, opt)(state, images, jax.random.key(1))
-    assert not bool(metrics["ok"]) and int(state.skipped) == 1 and int(state.bad_streak) == 1
+    assert not bool(metrics["ok"]) and train.skipped_updates(state) == (1, 1)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, jax.tree.map(np.asarray, state.params))
+    state, _ = train.make_train_step(model, opt)(state, images, jax.random.key(2))
+    assert train.skipped_updates(state) == (2, 2)
+
+
+def _command(workdir, *extra):
+    return [sys.executable, "-m", "experiments.train_flow", "--model", "nice", "--workdir", str(workdir), "--quiet",
+            *TINY, "--config.steps=6", *extra]
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _run(workdir, *extra, env=None):
     """One training process; the runs of a test share a compilation cache (tmp/jax_cache, one
     after the other), so a resumed run loads the programs the first run compiled."""
-    cmd = [sys.executable, "-m", "experiments.train_flow", "--model", "nice", "--workdir", str(workdir), "--quiet",
-           *TINY, "--config.steps=6", *extra]
     cache = compilation_cache_env(workdir.parent / "jax_cache")
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **cache, **(env or {})},
-                         check=False)
+    out = subprocess.run(_command(workdir, *extra), capture_output=True, text=True,
+                         env={**os.environ, **cache, **(env or {})}, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return _metrics(workdir)
 
 
 def _params(workdir):
-    from flax import serialization
+    """(final.json, the latest orbax checkpoint's state as a tree of host arrays)."""
+    import orbax.checkpoint as ocp
 
-    state = serialization.msgpack_restore((workdir / "checkpoint.msgpack").read_bytes())["state"]
+    latest = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    path, checkpointer = (workdir / "checkpoints" / str(latest) / "state").absolute(), ocp.StandardCheckpointer()
+    as_numpy = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), checkpointer.metadata(path).item_metadata)
+    state = checkpointer.restore(path, as_numpy)
     return json.loads((workdir / "final.json").read_text()), state
 
 
+@pytest.mark.mnist
 def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_path):
     cpu = {"JAX_PLATFORMS": "cpu"}  # the two-device run shards over host devices: compare on the host
     whole = _run(tmp_path / "whole", env=cpu)
@@ -81,6 +95,28 @@ def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_pa
     final_two, _ = _params(tmp_path / "two")
     assert final_two["devices"].startswith("2 x")
     np.testing.assert_allclose([r["train_bpd"] for r in two], [r["train_bpd"] for r in whole], rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_two_processes_train_like_one(tmp_path):
+    """Two local processes (one device each, each loading its half of every batch) log the same
+    training losses and the same test bits/dim as one process; only process 0 writes."""
+    from test_distributed import free_port
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    one = _run(tmp_path / "one", env={"JAX_PLATFORMS": "cpu"})
+    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
+    procs = [subprocess.Popen(_command(tmp_path / "two", *flags, "--process-id", str(i)), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[1][0].strip() == ""  # process 1 prints nothing on stdout
+    final_one, final_two = (_params(tmp_path / d)[0] for d in ("one", "two"))
+    assert final_two["processes"] == 2 and final_two["devices"].startswith("2 x")
+    np.testing.assert_allclose([r["train_bpd"] for r in _metrics(tmp_path / "two")], [r["train_bpd"] for r in one],
+                               rtol=1e-5)
+    assert final_two["test_bpd"] == pytest.approx(final_one["test_bpd"], rel=1e-5)
 
 
 @pytest.mark.mnist

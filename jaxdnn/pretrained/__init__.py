@@ -57,14 +57,16 @@ def load_distribution(name: str) -> FlowDistribution:
 def test_bpd(name: str, limit: int | None = None, key=None) -> dict:
     """Bits/dim of the shipped model `name` on the first `limit` MNIST test images (all 10,000 by
     default), uniformly dequantized with `key` (default: the training run's "eval" key, the one
-    its card was scored with): {"model", "bpd", "bpd_stderr", "images"}."""
+    its card was scored with), on every device of every process: {"model", "bpd", "bpd_stderr",
+    "images"}."""
     from jaxdnn import train
     from jaxdnn.data import load_mnist
 
     model, params = load(name)
     images = load_mnist("test")[0][:limit]
     key = train.run_keys(card(name)["train_config"].get("seed", 0))["eval"] if key is None else key
-    bpds = train.evaluate_bpd(train.make_eval_fn(model), params, images, key)
+    mesh = train.data_mesh()
+    bpds = train.evaluate_bpd(train.make_eval_fn(model), train.replicate(params, mesh), images, key, mesh=mesh)
     mean, stderr = train.mean_and_stderr(bpds)
     return {"model": name, "bpd": mean, "bpd_stderr": stderr, "images": len(images)}
 
