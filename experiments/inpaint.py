@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, print_json, save_figure
+from jaxdnn import distributed, pretrained
 from jaxdnn import inpainting as ip
-from jaxdnn import pretrained
 from jaxdnn.data import FetchError, load_mnist, to_unit_interval
 
 PROG = "python -m experiments.inpaint"
@@ -111,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per vmapped call (default 100)")
     p.add_argument("--out", default="results", help="figure directory (default results/)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    distributed.add_arguments(p)
     a = p.parse_args(argv)
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
@@ -134,15 +135,34 @@ def main(argv=None) -> int:
         return int(e.code or 0)
 
 
+def combine(metrics: dict, n: int) -> dict:
+    """Means over the images of every process from each process's means over its n images
+    (`seconds`: the slowest process's); the identity for one process."""
+    names = list(ip.BASELINES)
+    local = [n, metrics["seconds"], *(n * metrics[k] for k in ("psnr", "mse", "bpd")),
+             *(n * metrics["baselines"][b][k] for b in names for k in ("psnr", "mse"))]
+    every = distributed.from_every_process(np.asarray(local, np.float64))
+    sums = every[:, 2:].sum(axis=0) / every[:, 0].sum()
+    sums = [float(v) for v in sums]
+    return {"psnr": sums[0], "mse": sums[1], "bpd": sums[2],
+            "baselines": {b: {"psnr": sums[3 + 2 * i], "mse": sums[4 + 2 * i]} for i, b in enumerate(names)},
+            "seconds": float(every[:, 1].max())}
+
+
 def _main(argv) -> int:
     a = parse_args(argv)
+    distributed.initialize_from_args(a, PROG)  # before anything touches a JAX backend
     try:
         model, params = pretrained.load(a.model)
     except (ValueError, OSError) as e:
         fail(PROG, f"--model {a.model}: no pretrained weights could be loaded ({e})")
     start, stop = a.images
+    try:  # each process inpaints its share of the images; the means are combined
+        lo, hi = (start + i for i in distributed.process_share(stop - start))
+    except ValueError as e:
+        fail(PROG, f"--images {start}:{stop}: {e}")
     try:
-        images = to_unit_interval(load_mnist("test")[0][start:stop])
+        images = to_unit_interval(load_mnist("test")[0][lo:hi])
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
@@ -152,7 +172,7 @@ def _main(argv) -> int:
         for method in a.method:
             try:
                 metrics, arrays = ip.evaluate(model, params, images, mask, method, train_images=train,
-                                              key=jax.random.key(a.seed), indices=np.arange(start, stop),
+                                              key=jax.random.key(a.seed), indices=np.arange(lo, hi),
                                               steps=a.steps, lr=a.lr, batch_size=a.batch_size)
             except ValueError as e:
                 fail(PROG, str(e))
@@ -162,23 +182,25 @@ def _main(argv) -> int:
             rows.append((method, arrays["inpainted"], arrays["psnr"]))
             steps = ip.STEPS[method] if a.steps is None else a.steps
             out = {"model": a.model, "mask": mask, "method": method, "images": f"{start}:{stop}",
-                   "steps": steps, **metrics}
+                   "steps": steps, **combine(metrics, hi - lo)}
             assert tuple(out) == JSON_KEYS
             outs.append(out)
-            if not a.json:
+            if not a.json and distributed.is_main():
                 report(out)
+        if not distributed.is_main():
+            continue  # process 0 (the first images) draws the figure
         knn = np.asarray(ip.masked_psnr(arrays["knn_mean"], arrays["original"], arrays["masks"]))
         rows.append(("knn_mean", arrays["knn_mean"], knn))
         path = Path(a.out) / f"inpaint_{a.model}_{mask}.png"
         title = (f"{a.model}, mask {mask} (missing pixels grey in 'observed'), test images "
-                 f"{start}..{min(stop, start + FIGURE_COLUMNS) - 1}; PSNR over the missing pixels")
+                 f"{start}..{min(hi, start + FIGURE_COLUMNS) - 1}; PSNR over the missing pixels")
         try:
             save_figure(figure(rows, title), path)
         except OSError as e:
             fail(PROG, f"cannot write the figure to {path}: {e}")
         if not a.json:
             print(f"  figure: {path}")
-    if a.json:
+    if a.json and distributed.is_main():
         print_json(outs[0] if len(outs) == 1 else outs)
     return 0
 

@@ -23,7 +23,8 @@ import threading
 import jax
 import numpy as np
 
-__all__ = ["add_arguments", "gather", "initialize", "initialize_from_args", "is_main"]
+__all__ = ["add_arguments", "from_every_process", "gather", "initialize", "initialize_from_args", "is_main",
+           "process_share"]
 
 ENV = {"coordinator": "JAXDNN_COORDINATOR", "num_processes": "JAXDNN_NUM_PROCESSES",
        "process_id": "JAXDNN_PROCESS_ID", "init_timeout": "JAXDNN_INIT_TIMEOUT"}
@@ -134,3 +135,26 @@ def gather(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def process_share(n: int) -> tuple[int, int]:
+    """This process's contiguous share [lo, hi) of n items (numpy.array_split's sizes: the first
+    n % P processes take one more). Raises ValueError when some process would get none."""
+    count, index = jax.process_count(), jax.process_index()
+    if n < count:
+        raise ValueError(f"{n} items cannot be shared by {count} processes (each needs one)")
+    size, extra = divmod(n, count)
+    lo = index * size + min(index, extra)
+    return lo, lo + size + (index < extra)
+
+
+def from_every_process(x) -> np.ndarray:
+    """Every process's value of the host array `x` (same shape on all), stacked: (P, *x.shape),
+    on every process (a collective: all processes call it together); (1, *x.shape) for one."""
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    raw = np.asarray(multihost_utils.process_allgather(x.reshape(-1).view(np.uint8)))  # bytes: float64 stays
+    return raw.reshape(jax.process_count(), -1).view(x.dtype).reshape(-1, *x.shape)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from jaxdnn import train
 from jaxdnn.data import batches, load_mnist
-from jaxdnn.distributed import is_main
+from jaxdnn.distributed import from_every_process, is_main
 from jaxdnn.flows import build_model
 
 SYNC_EVERY = 10  # steps between agreements on stopping and checkpointing (more than one process)
@@ -59,12 +59,8 @@ def restore(manager: ocp.CheckpointManager, template: train.TrainState) -> tuple
 
 def _agree(*flags: bool) -> tuple[bool, ...]:
     """Each flag true on any process (a collective: every process calls it at the same step)."""
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    seen = multihost_utils.process_allgather(np.asarray(flags, np.int32))
-    return tuple(bool(v) for v in np.asarray(seen).reshape(-1, len(flags)).any(axis=0))
+    seen = from_every_process(np.asarray(flags, np.int32))
+    return tuple(bool(v) for v in seen.any(axis=0))
 
 
 def _check_workdir(workdir: Path, config: dict) -> None:

@@ -1,5 +1,6 @@
-"""More than one process on localhost: the Gambler's ruin estimate is the same on 1 or 2
-processes, a missing peer ends with one line within the timeout, bad values exit 2."""
+"""More than one process on localhost: the Gambler's ruin estimate and the inpainting scores are
+the same on 1 or 2 processes, a missing peer ends with one line within the timeout, bad values
+exit 2. (Training on two processes: tests/test_train.py.)"""
 
 import json
 import socket
@@ -28,17 +29,37 @@ def _errors(stderr: str) -> list[str]:
 
 @pytest.mark.slow
 def test_gamblers_ruin_on_two_processes_equals_one_process():
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([*GR, "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i),
-                               "--init-timeout", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in (0, 1)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    assert outs[1][0].strip() == ""  # only process 0 prints
-    two = json.loads(outs[0][0])
+    two = json.loads(_two_processes(GR))
     one = json.loads(subprocess.run(GR, capture_output=True, text=True, timeout=120, check=True).stdout)
     assert abs(two["estimate"] - one["estimate"]) <= 1e-12 * one["estimate"]
     assert two["std_error"] == pytest.approx(one["std_error"], rel=1e-9)
+
+
+def _two_processes(command, timeout=120):
+    """stdout of process 0 of `command` run as two local processes (process 1 must print nothing)."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([*command, "--coordinator", coordinator, "--num-processes", "2", "--process-id",
+                               str(i), "--init-timeout", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[1][0].strip() == ""
+    return outs[0][0]
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_inpainting_on_two_processes_equals_one_process(tmp_path):
+    """Each process inpaints its share of the images (image i's noise is a function of i): the
+    combined means are the one-process means."""
+    cmd = [sys.executable, "-m", "experiments.inpaint", "--model", "realnvp", "--mask", "random50", "--method",
+           "latent_map", "--images", "3:8", "--steps", "5", "--json", "--out", str(tmp_path)]
+    two = json.loads(_two_processes(cmd))
+    one = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
+    for key in ("psnr", "mse", "bpd"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    for name, scores in one["baselines"].items():
+        assert two["baselines"][name]["psnr"] == pytest.approx(scores["psnr"], rel=1e-6), name
 
 
 def test_a_missing_peer_exits_with_one_line_within_the_timeout():
@@ -76,3 +97,5 @@ def test_single_process_helpers_are_the_identity():
     assert distributed.is_main()
     x = np.arange(6.0).reshape(2, 3)
     np.testing.assert_array_equal(distributed.gather(x), x)
+    np.testing.assert_array_equal(distributed.from_every_process(x), x[None])
+    assert distributed.process_share(7) == (0, 7)
