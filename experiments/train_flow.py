@@ -129,7 +129,9 @@ def command_line(argv) -> str:
 
 
 def export(config: dict, workdir: Path) -> int:
-    """Scores the workdir's latest checkpoint on the 10,000 test images and ships it with its card."""
+    """Scores the workdir's latest checkpoint on the 10,000 test images and ships it with its card
+    (a run started with --init-from nests the card it started from: every stage, its hardware and
+    wall time)."""
     import platform
 
     import jax
@@ -163,6 +165,10 @@ def export(config: dict, workdir: Path) -> int:
         "evaluation": "uniform dequantization with a fixed key, python -m experiments.evaluate_flow --model " + name,
         "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
+    if (workdir / "init_card.json").exists():  # the card of the weights this run started from
+        card["initialized_from"] = json.loads((workdir / "init_card.json").read_text())
+        card["total_wall_seconds"] = round(card["wall_seconds"] + card["initialized_from"].get(
+            "total_wall_seconds", card["initialized_from"]["wall_seconds"]), 1)
     if distributed.is_main():
         path = pretrained.export(state.params, card, name)
         print(json.dumps({"exported": str(path), "test_bpd": card["test_bpd"], "steps": card["steps"],

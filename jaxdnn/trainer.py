@@ -8,7 +8,7 @@ onto the current mesh). The data order and keys are functions of the step number
 run is bit-identical to one that never stopped (same process and device count).
 
 Workdir: config.json, history.jsonl (one row per stage), metrics.jsonl, checkpoints/<step>/,
-final.json once `steps` are done.
+init_card.json (with "init_from": the shipped card it started from), final.json once `steps` are done.
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         kept = log_path.read_text().splitlines() if start and log_path.exists() else []
         log_path.write_text("".join(ln + "\n" for ln in kept if json.loads(ln)["step"] <= start))
         _append_stage(workdir / "history.jsonl", command, start, cfg["steps"])
+        if config.get("init_from") and not start:  # what the run starts from, for its card
+            from jaxdnn import pretrained
+
+            (workdir / "init_card.json").write_text(json.dumps(pretrained.card(config["init_from"]), indent=2))
         print(f"{config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"{'resumed at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
               f"process(es), {mesh.size} x {jax.devices()[0].platform}", file=sys.stderr)
