@@ -142,6 +142,10 @@ def export(config: dict, workdir: Path) -> int:
     name = config["model"]
     if trainer.checkpoint_manager(workdir).latest_step() is None:
         fail(PROG, f"no checkpoint in {workdir} to export")
+    run = json.loads((workdir / "config.json").read_text())  # the run's own config, not this command's
+    if run["model"] != name:
+        fail(PROG, f"{workdir} holds a {run['model']} run, not a {name}")
+    config = {**config, **run}
     model, _, state, extra, mesh = trainer.setup(config, workdir, load_mnist("train")[0])
     hist_path = workdir / "history.jsonl"
     history = [json.loads(ln) for ln in hist_path.read_text().splitlines() if ln] if hist_path.exists() else []

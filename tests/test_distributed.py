@@ -62,6 +62,7 @@ def test_inpainting_on_two_processes_equals_one_process(tmp_path):
         assert two["baselines"][name]["psnr"] == pytest.approx(scores["psnr"], rel=1e-6), name
 
 
+@pytest.mark.slow
 def test_a_missing_peer_exits_with_one_line_within_the_timeout():
     t0 = time.time()
     proc = subprocess.run([*GR, "--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2",

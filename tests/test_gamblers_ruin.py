@@ -289,6 +289,7 @@ def test_chunked_run_equals_single_chunk_run():
     assert other.estimate != one.estimate  # a different key gives different paths
 
 
+@pytest.mark.slow
 def test_sharded_run_equals_single_chunk_run():
     """Two XLA CPU devices (the flag must precede jax's start, hence the subprocess)."""
     args = "jax.random.key(5), 2 * 16384, 0.5, start=3, target=10, p=0.3, games=20, bits=4"

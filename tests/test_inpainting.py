@@ -95,6 +95,7 @@ def test_pgd_reaches_the_constrained_minimizer():
     np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_annealed_reaches_the_constrained_minimizer(key):
     x = gaussian_images(2)
     mask = ip.make_mask("top_half")
@@ -132,7 +133,8 @@ def test_langevin_estimates_the_posterior_mean(key, optimized_xla):
     np.testing.assert_array_equal(res.images, again)  # deterministic given the key
 
 
-@pytest.mark.parametrize("method", ip.PIXEL_METHODS)
+@pytest.mark.parametrize("method", [m if m == "pgd" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ip.PIXEL_METHODS])
 def test_vmapped_batch_equals_per_image_calls(method, key):
     x = gaussian_images(3)
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "left_half", "bottom_half")])
@@ -284,6 +286,7 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
         ip.inpaint(flow, x, mask, None, method="latent", starts=20, reference=reference)
 
 
+@pytest.mark.slow
 def test_hyperparameter_values_do_not_recompile(key):
     """inpaint's promise: one compilation per model, shape, method and step count, whatever the
     hyperparameter values (they are traced arguments, not constants)."""
@@ -439,6 +442,7 @@ def test_cli_missing_pretrained_weights_exit_2(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "--model glow" in err and "pretrained" in err
 
 
+@pytest.mark.slow
 def test_cli_module_exits_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "experiments.inpaint", "--images", "9:2"],
                           capture_output=True, text=True, timeout=120)
@@ -446,6 +450,7 @@ def test_cli_module_exits_2_without_traceback():
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     """The whole script on the tiny flow and synthetic data (reuses the fixture's compile)."""
     monkeypatch.setattr(cli.pretrained, "load", lambda name: flow_runs["model"])

@@ -170,6 +170,7 @@ def test_bad_config(kwargs, match):
 # ------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 def test_cli_json(tmp_path, capsys):
     estimator = "log_derivative"  # the other path is the default of every library test
