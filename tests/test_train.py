@@ -3,6 +3,7 @@ agree, and the shipped weights reproduce their cards."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -105,8 +106,10 @@ def test_two_processes_train_like_one(tmp_path):
     training losses and the same test bits/dim as one process; only process 0 writes."""
     from test_distributed import free_port
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    one = _run(tmp_path / "one", env={"JAX_PLATFORMS": "cpu"})
+    one_device = {"JAX_PLATFORMS": "cpu",  # the suite may force 2 host devices: one per process here
+                  "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))}
+    env = {**os.environ, **one_device}
+    one = _run(tmp_path / "one", env=one_device)
     flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
     procs = [subprocess.Popen(_command(tmp_path / "two", *flags, "--process-id", str(i)), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
