@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     parser.add_argument("--export", action="store_true",
                         help="do not train: evaluate the workdir's checkpoint on the full test set and ship it "
                              "as jaxdnn/pretrained/<model>.msgpack with its card")
+    parser.add_argument("--export-dir", default=None, metavar="DIR",
+                        help="with --export: write <model>.msgpack and .json here instead of the package")
     distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, PROG)
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     config = {"model": args.model, "model_config": model_cfg, "train_config": cfg, "init_from": args.init_from}
     try:
         if args.export:
-            return export(config, workdir)
+            return export(config, workdir, args.export_dir)
         final = trainer.train_and_evaluate(config, workdir, stop_after=args.stop_after, progress=not args.quiet,
                                            command=command_line(argv))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
@@ -128,7 +130,7 @@ def command_line(argv) -> str:
     return " ".join(["python -m experiments.train_flow", *out])
 
 
-def export(config: dict, workdir: Path) -> int:
+def export(config: dict, workdir: Path, directory: str | None = None) -> int:
     """Scores the workdir's latest checkpoint on the 10,000 test images and ships it with its card
     (a run started with --init-from nests the card it started from: every stage, its hardware and
     wall time)."""
@@ -140,19 +142,20 @@ def export(config: dict, workdir: Path) -> int:
     from jaxdnn.data import load_mnist
 
     name = config["model"]
-    if trainer.checkpoint_manager(workdir).latest_step() is None:
-        fail(PROG, f"no checkpoint in {workdir} to export")
+    if not (workdir / "config.json").exists():
+        fail(PROG, f"no training run in {workdir} to export")
     run = json.loads((workdir / "config.json").read_text())  # the run's own config, not this command's
     if run["model"] != name:
         fail(PROG, f"{workdir} holds a {run['model']} run, not a {name}")
     config = {**config, **run}
-    model, _, state, extra, mesh = trainer.setup(config, workdir, load_mnist("train")[0])
+    model, _, state, extra, mesh = trainer.setup(config, workdir)
+    if state is None:
+        fail(PROG, f"no checkpoint in {workdir} to export")
     hist_path = workdir / "history.jsonl"
     history = [json.loads(ln) for ln in hist_path.read_text().splitlines() if ln] if hist_path.exists() else []
     t0 = time.time()
-    bpds = train.evaluate_bpd(train.make_eval_fn(model), state.params, load_mnist("test")[0],
-                              train.run_keys(config["train_config"]["seed"])["eval"], mesh=mesh)
-    mean, stderr = train.mean_and_stderr(bpds)
+    eval_key = train.run_keys(config["train_config"]["seed"])["eval"]
+    test = train.score(model, state.params, load_mnist("test")[0], eval_key, mesh=mesh)
     card = {
         **{k: v for k, v in config.items() if k != "init_from"},
         "training_command": history[-1]["command"] if history else "",
@@ -162,10 +165,10 @@ def export(config: dict, workdir: Path) -> int:
         "wall_seconds": round(extra["wall_seconds"], 1),
         "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
                     f" {__import__('os').cpu_count()} cores)",
-        "test_bpd": round(mean, 5),
-        "test_bpd_stderr": round(stderr, 5),
-        "test_images": len(bpds),
-        "test_bpd_first256": round(float(bpds[:256].mean()), 5),
+        "test_bpd": round(test["bpd"], 5),
+        "test_bpd_stderr": round(test["bpd_stderr"], 5),
+        "test_images": test["images"],
+        "test_bpd_first256": round(float(test["per_image"][:256].mean()), 5),
         "evaluation": "uniform dequantization with a fixed key, python -m experiments.evaluate_flow --model " + name,
         "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
     }
@@ -174,7 +177,7 @@ def export(config: dict, workdir: Path) -> int:
         card["total_wall_seconds"] = round(card["wall_seconds"] + card["initialized_from"].get(
             "total_wall_seconds", card["initialized_from"]["wall_seconds"]), 1)
     if distributed.is_main():
-        path = pretrained.export(state.params, card, name)
+        path = pretrained.export(state.params, card, name, directory)
         print(json.dumps({"exported": str(path), "test_bpd": card["test_bpd"], "steps": card["steps"],
                           "eval_seconds": round(time.time() - t0, 1)}))
     return 0

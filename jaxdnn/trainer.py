@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxdnn import train
@@ -49,9 +50,9 @@ def save(manager: ocp.CheckpointManager, state: train.TrainState, extra: dict) -
                                                           extra=ocp.args.JsonSave(extra)), force=True)
 
 
-def restore(manager: ocp.CheckpointManager, template: train.TrainState) -> tuple[train.TrainState, dict]:
-    """The latest checkpoint, restored onto the shardings of `template` (the current mesh)."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+def restore(manager: ocp.CheckpointManager, target) -> tuple[train.TrainState, dict]:
+    """The latest checkpoint, restored onto `target` (a `train.TrainState` of
+    `jax.ShapeDtypeStruct`s with the shardings of the current mesh)."""
     out = manager.restore(manager.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     return train.TrainState(*out["state"]), dict(out["extra"])
@@ -81,27 +82,33 @@ def _append_stage(path: Path, command: str, start: int, steps: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def setup(config: dict, workdir: str | Path, train_images: np.ndarray):
+def setup(config: dict, workdir: str | Path, train_images: np.ndarray | None = None):
     """(model, optimizer, state on the mesh, extra, mesh) of the run in `workdir`: resumed from
-    its latest checkpoint, else initialized (from `config["init_from"]`'s shipped weights if set)."""
+    its latest checkpoint; else, given `train_images`, initialized (from `config["init_from"]`'s
+    shipped weights if set); else None for the state and extra (nothing to resume)."""
     cfg = config["train_config"]
     model = build_model(config["model"], **config["model_config"])
     optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"])
     mesh = train.data_mesh()
     if cfg["batch_size"] % mesh.size:
         raise ValueError(f"batch_size {cfg['batch_size']} must be a multiple of the {mesh.size} devices")
+    init_key = train.run_keys(cfg["seed"])["init"]
+    with checkpoint_manager(workdir) as manager:
+        if manager.latest_step() is not None:  # the checkpoint's shapes, with no data-dependent init
+            abstract = jax.eval_shape(lambda: train.init_state(model, init_key, np.zeros((1, 28, 28), np.uint8),
+                                                               optimizer))
+            replicated = NamedSharding(mesh, PartitionSpec())
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+            return model, optimizer, *restore(manager, target), mesh
+    if train_images is None:
+        return model, optimizer, None, None, mesh
     init_batch = train_images[np.random.default_rng(cfg["seed"]).permutation(len(train_images))[:512]]
-    state = train.init_state(model, train.run_keys(cfg["seed"])["init"], init_batch, optimizer)
+    state = train.init_state(model, init_key, init_batch, optimizer)
     if config.get("init_from"):
         from jaxdnn import pretrained
 
         state = state._replace(params=pretrained.load(config["init_from"])[1])
-    state, extra = train.replicate(state, mesh), {"wall_seconds": 0.0}
-    manager = checkpoint_manager(workdir)
-    if manager.latest_step() is not None:
-        state, extra = restore(manager, state)
-    manager.close()
-    return model, optimizer, state, extra, mesh
+    return model, optimizer, train.replicate(state, mesh), {"wall_seconds": 0.0}, mesh
 
 
 def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | None = None,
@@ -131,7 +138,7 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         print(f"{config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"{'resumed at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
               f"process(es), {mesh.size} x {jax.devices()[0].platform}", file=sys.stderr)
-    step_fn, eval_fn = train.make_train_step(model, optimizer), train.make_eval_fn(model)
+    step_fn = train.make_train_step(model, optimizer)
     manager = checkpoint_manager(workdir)
     terminated = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: terminated.update(now=True))
@@ -163,7 +170,7 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         row = {"step": done, "train_bpd": float(np.mean(running[-10:])), "grad_norm": float(metrics["grad_norm"]),
                "skipped": skipped, "wall_seconds": round(wall, 1)}
         if done % cfg["eval_every"] == 0:
-            row["test_bpd"] = float(train.evaluate_bpd(eval_fn, state.params, test_images[: cfg["eval_images"]],
+            row["test_bpd"] = float(train.evaluate_bpd(model, state.params, test_images[: cfg["eval_images"]],
                                                        keys["eval"], mesh=mesh).mean())
         if is_main():
             with open(log_path, "a") as f:
@@ -181,10 +188,9 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         if is_main():
             print(f"stopped at step {int(state.step)}; rerun the same command to resume", file=sys.stderr)
         return None
-    bpds = train.evaluate_bpd(eval_fn, state.params, test_images, keys["eval"], mesh=mesh)
-    mean, stderr = train.mean_and_stderr(bpds)
-    final = {**config, "steps": int(state.step), "wall_seconds": round(wall, 1), "test_bpd": mean,
-             "test_bpd_stderr": stderr, "skipped_updates": train.skipped_updates(state)[0],
+    test = train.score(model, state.params, test_images, keys["eval"], mesh=mesh)
+    final = {**config, "steps": int(state.step), "wall_seconds": round(wall, 1), "test_bpd": test["bpd"],
+             "test_bpd_stderr": test["bpd_stderr"], "skipped_updates": train.skipped_updates(state)[0],
              "devices": f"{mesh.size} x {jax.devices()[0].device_kind}", "processes": jax.process_count()}
     if is_main():
         (workdir / "final.json").write_text(json.dumps(final, indent=2))

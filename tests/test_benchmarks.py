@@ -1,10 +1,8 @@
-"""`python -m benchmarks --quick --json` runs and reports the documented JSON shape (not speed).
-
-The run starts in the background when collection ends and runs beside the rest of the suite
-(`early_start`, tests/conftest.py), which only slows its timings; this test runs last."""
+"""`python -m benchmarks --quick --json` runs and reports the documented JSON shape (not speed)."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,18 +23,12 @@ def _has_torch() -> bool:
     return True
 
 
-def quick_benchmarks(tmp):
-    """Started in the background when collection ends (`early_start`, tests/conftest.py)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
-    return {"args": [sys.executable, "-m", "benchmarks", "--quick", "--json", "--out", str(tmp / "bench.json")],
-            "cwd": ROOT, "env": env, "timeout": 600}
-
-
 @pytest.mark.slow
-@pytest.mark.early_start(command=quick_benchmarks)
-def test_quick_benchmark_json_shape(early_run):
-    out = early_run.tmp / "bench.json"
-    proc = early_run.result()
+def test_quick_benchmark_json_shape(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == report

@@ -2,6 +2,7 @@
 the same on 1 or 2 processes, a missing peer ends with one line within the timeout, bad values
 exit 2. (Training on two processes: tests/test_train.py.)"""
 
+import importlib
 import json
 import socket
 import subprocess
@@ -27,10 +28,17 @@ def _errors(stderr: str) -> list[str]:
     return [ln for ln in stderr.strip().splitlines() if not ln.startswith(("[Gloo]", "WARNING"))]
 
 
+def _one_process(module, argv, capsys) -> dict:
+    """What `python -m experiments.<module> argv` prints (--json), run in this process."""
+    capsys.readouterr()
+    assert importlib.import_module(f"experiments.{module}").main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 @pytest.mark.slow
-def test_gamblers_ruin_on_two_processes_equals_one_process():
+def test_gamblers_ruin_on_two_processes_equals_one_process(capsys):
     two = json.loads(_two_processes(GR))
-    one = json.loads(subprocess.run(GR, capture_output=True, text=True, timeout=120, check=True).stdout)
+    one = _one_process("gamblers_ruin", GR[3:], capsys)
     assert abs(two["estimate"] - one["estimate"]) <= 1e-12 * one["estimate"]
     assert two["std_error"] == pytest.approx(one["std_error"], rel=1e-9)
 
@@ -49,13 +57,13 @@ def _two_processes(command, timeout=120):
 
 @pytest.mark.slow
 @pytest.mark.mnist
-def test_inpainting_on_two_processes_equals_one_process(tmp_path):
+def test_inpainting_on_two_processes_equals_one_process(tmp_path, capsys):
     """Each process inpaints its share of the images (image i's noise is a function of i): the
     combined means are the one-process means."""
     cmd = [sys.executable, "-m", "experiments.inpaint", "--model", "nice", "--mask", "random50", "--method",
            "pgd", "--images", "3:8", "--steps", "3", "--json", "--out", str(tmp_path)]
     two = json.loads(_two_processes(cmd))
-    one = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout)
+    one = _one_process("inpaint", cmd[3:], capsys)
     for key in ("psnr", "mse", "bpd"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
     for name, scores in one["baselines"].items():

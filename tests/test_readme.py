@@ -18,7 +18,7 @@ def quickstart() -> str:
 
 @pytest.mark.slow
 @pytest.mark.mnist
-def test_readme_quickstart_runs(optimized_xla):
+def test_readme_quickstart_runs():
     scope: dict = {}
     exec(compile(quickstart(), "README.md:quickstart", "exec"), scope)  # noqa: S102 - our own README
     # what the quickstart prints, checked: finite scores, samples in [0, 1], fills inside C

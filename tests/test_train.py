@@ -41,10 +41,11 @@ def test_non_finite_update_is_skipped_and_counted():
     state = train.init_state(model, jax.random.key(0), images, opt)
     state = state._replace(params=jax.tree.map(lambda a: a * np.nan, state.params))
     before = jax.tree.map(np.asarray, state.params)
-    state, metrics = train.make_train_step(model, opt)(state, images, jax.random.key(1))
+    step = train.make_train_step(model, opt)
+    state, metrics = step(state, images, jax.random.key(1))
     assert not bool(metrics["ok"]) and train.skipped_updates(state) == (1, 1)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, jax.tree.map(np.asarray, state.params))
-    state, _ = train.make_train_step(model, opt)(state, images, jax.random.key(2))
+    state, _ = step(state, images, jax.random.key(2))
     assert train.skipped_updates(state) == (2, 2)
 
 
@@ -80,47 +81,44 @@ def _params(workdir):
 
 @pytest.mark.slow
 @pytest.mark.mnist
-def test_killed_run_resumes_to_identical_parameters_and_two_devices_agree(tmp_path):
-    cpu = {"JAX_PLATFORMS": "cpu"}  # the two-device run shards over host devices: compare on the host
-    whole = _run(tmp_path / "whole", env=cpu)
-    _run(tmp_path / "killed", "--stop-after", "3", env=cpu)
+def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_train_like_one(tmp_path):
+    """One run of 6 steps is the reference. A run killed after 3 steps and resumed ends with the
+    same state bit for bit, and exports as its own figure. Two local processes of two devices each
+    (each process loading its half of every batch; only process 0 writes) log the same training
+    losses and the same test bits/dim."""
+    from test_distributed import free_port
+
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    one_device = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}  # on the host; each run picks its device count
+    whole = _run(tmp_path / "whole", env=one_device)
+    _run(tmp_path / "killed", "--stop-after", "3", env=one_device)
     assert not (tmp_path / "killed" / "final.json").exists()
-    resumed = _run(tmp_path / "killed", env=cpu)
+    resumed = _run(tmp_path / "killed", env=one_device)
     assert [r["step"] for r in resumed] == list(range(1, 7))
     final_whole, ckpt_whole = _params(tmp_path / "whole")
     final_resumed, ckpt_resumed = _params(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, ckpt_whole, ckpt_resumed)  # bit-identical state
     assert final_whole["test_bpd"] == final_resumed["test_bpd"]
+    exported = subprocess.run(_command(tmp_path / "whole", "--export", "--export-dir", str(tmp_path)),
+                              env={**os.environ, **one_device}, capture_output=True, text=True, check=False)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    card = json.loads((tmp_path / "nice.json").read_text())  # the checkpoint, rescored: the run's own figure
+    assert card["steps"] == 6 and card["test_bpd"] == round(final_whole["test_bpd"], 5)
+    assert (tmp_path / "nice.msgpack").stat().st_size > 0
 
-    two_devices = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    two = _run(tmp_path / "two", env={**cpu, "XLA_FLAGS": two_devices})
-    final_two, _ = _params(tmp_path / "two")
-    assert final_two["devices"].startswith("2 x")
-    np.testing.assert_allclose([r["train_bpd"] for r in two], [r["train_bpd"] for r in whole], rtol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.mnist
-def test_two_processes_train_like_one(tmp_path):
-    """Two local processes (one device each, each loading its half of every batch) log the same
-    training losses and the same test bits/dim as one process; only process 0 writes."""
-    from test_distributed import free_port
-
-    one_device = {"JAX_PLATFORMS": "cpu",  # the suite may force 2 host devices: one per process here
-                  "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))}
-    env = {**os.environ, **one_device}
-    one = _run(tmp_path / "one", env=one_device)
+    two_devices = {**one_device, "XLA_FLAGS": one_device["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
     flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
-    procs = [subprocess.Popen(_command(tmp_path / "two", *flags, "--process-id", str(i)), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    procs = [subprocess.Popen(_command(tmp_path / "two_processes", *flags, "--process-id", str(i)),
+                              env={**os.environ, **two_devices}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert outs[1][0].strip() == ""  # process 1 prints nothing on stdout
-    final_one, final_two = (_params(tmp_path / d)[0] for d in ("one", "two"))
-    assert final_two["processes"] == 2 and final_two["devices"].startswith("2 x")
-    np.testing.assert_allclose([r["train_bpd"] for r in _metrics(tmp_path / "two")], [r["train_bpd"] for r in one],
-                               rtol=1e-5)
-    assert final_two["test_bpd"] == pytest.approx(final_one["test_bpd"], rel=1e-5)
+    final_two = _params(tmp_path / "two_processes")[0]
+    assert final_two["processes"] == 2 and final_two["devices"].startswith("4 x")
+    np.testing.assert_allclose([r["train_bpd"] for r in _metrics(tmp_path / "two_processes")],
+                               [r["train_bpd"] for r in whole], rtol=1e-4)
+    assert final_two["test_bpd"] == pytest.approx(final_whole["test_bpd"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ Weights are produced by `python -m experiments.train_flow` and exported with `ex
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from importlib import resources
@@ -37,8 +38,10 @@ def card(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+@functools.cache
 def load(name: str):
-    """(model, params) of the shipped model `name` ("nice" | "realnvp" | "glow")."""
+    """(model, params) of the shipped model `name` ("nice" | "realnvp" | "glow"), read once per
+    process (the arrays are immutable)."""
     info = card(name)
     model = build_model(info["model"], **info["model_config"])
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -66,9 +69,8 @@ def test_bpd(name: str, limit: int | None = None, key=None) -> dict:
     images = load_mnist("test")[0][:limit]
     key = train.run_keys(card(name)["train_config"].get("seed", 0))["eval"] if key is None else key
     mesh = train.data_mesh()
-    bpds = train.evaluate_bpd(train.make_eval_fn(model), train.replicate(params, mesh), images, key, mesh=mesh)
-    mean, stderr = train.mean_and_stderr(bpds)
-    return {"model": name, "bpd": mean, "bpd_stderr": stderr, "images": len(images)}
+    result = train.score(model, train.replicate(params, mesh), images, key, mesh=mesh)
+    return {"model": name, **{k: result[k] for k in ("bpd", "bpd_stderr", "images")}}
 
 
 def export(params, info: dict, name: str, directory: str | os.PathLike | None = None) -> Path:
