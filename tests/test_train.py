@@ -88,8 +88,8 @@ def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_tra
     losses and the same test bits/dim."""
     from test_distributed import free_port
 
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    one_device = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}  # on the host; each run picks its device count
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    one_device = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}  # on the host; each run picks its device count
     whole = _run(tmp_path / "whole", env=one_device)
     _run(tmp_path / "killed", "--stop-after", "3", env=one_device)
     assert not (tmp_path / "killed" / "final.json").exists()
@@ -106,9 +106,9 @@ def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_tra
     assert card["steps"] == 6 and card["test_bpd"] == round(final_whole["test_bpd"], 5)
     assert (tmp_path / "nice.msgpack").stat().st_size > 0
 
-    two_devices = {**one_device, "XLA_FLAGS": one_device["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"}
-    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
-    procs = [subprocess.Popen(_command(tmp_path / "two_processes", *flags, "--process-id", str(i)),
+    two_devices = {**one_device, "XLA_FLAGS": xla_flags + " --xla_force_host_platform_device_count=2"}
+    peers = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
+    procs = [subprocess.Popen(_command(tmp_path / "two_processes", *peers, "--process-id", str(i)),
                               env={**os.environ, **two_devices}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
