@@ -8,6 +8,7 @@ metrics.jsonl, checkpoints/, final.json and loss_curve.png to the workdir.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -16,30 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, parse_overrides, save_figure
-from jaxdnn import distributed
-from jaxdnn.config import Field, check_config
+from jaxdnn import distributed, trainer
 from jaxdnn.flows import MODELS, config_schema
 
 PROG = "python -m experiments.train_flow"
-TRAIN_DEFAULTS = dict(
-    batch_size=64, lr=1e-3, steps=5000, warmup=300, clip=100.0, seed=0,
-    eval_every=1000, eval_images=2000, log_every=50, checkpoint_minutes=3.0, max_bad_streak=100,
-)
-
-
-TRAIN_SCHEMA = {k: Field(type(v), v) for k, v in TRAIN_DEFAULTS.items()}
-
-
-def split_config(model_name: str, overrides: dict, prog: str) -> tuple[dict, dict]:
-    """(model config, training config) from `--config.KEY=VALUE` overrides, both typed and
-    checked: a bad key, type or value exits 2 with one line."""
-    model_schema = config_schema(model_name)
-    try:
-        cfg = check_config(f"--config ({model_name})", {**model_schema, **TRAIN_SCHEMA}, overrides)
-    except ValueError as e:
-        fail(prog, str(e))
-    return ({k: v for k, v in cfg.items() if k in model_schema},
-            {k: v for k, v in cfg.items() if k not in model_schema})
 
 
 def plot_curve(log_path: Path, out: Path, title: str) -> None:
@@ -47,12 +28,12 @@ def plot_curve(log_path: Path, out: Path, title: str) -> None:
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     tr = [(r["step"], r["train_bpd"]) for r in rows if "train_bpd" in r]
-    te = [(r["step"], r["test_bpd"]) for r in rows if "test_bpd" in r]
+    te = [(r["step"], r["val_bpd"]) for r in rows if "val_bpd" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if tr:
         ax.plot(*zip(*tr, strict=True), lw=0.8, label="train (running mean)")
     if te:
-        ax.plot(*zip(*te, strict=True), "o-", label="test")
+        ax.plot(*zip(*te, strict=True), "o-", label="validation (averaged weights)")
     ax.set(xlabel="step", ylabel="bits/dim", title=title)
     if tr:
         ax.set_ylim(min(v for _, v in tr + te) - 0.05, np.percentile([v for _, v in tr], 95) + 0.1)
@@ -62,34 +43,44 @@ def plot_curve(log_path: Path, out: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(prog=PROG, description=__doc__)
+    parser = ArgumentParser(prog=PROG, description=__doc__, epilog=config_help(),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--workdir", default=None, help="default runs/<model>")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop (with a checkpoint) after N steps of this invocation, as if killed")
-    parser.add_argument("--init-from", default=None, metavar="NAME",
-                        help="start from the shipped model NAME's weights (its model config) with a fresh "
-                             "optimizer and warm-up; ignored when the workdir holds a checkpoint")
+    parser.add_argument("--init-from", default=None, metavar="SOURCE",
+                        help="start a fresh workdir from SOURCE's weights at its step (a shipped name, an exported "
+                             ".msgpack or a workdir), with its model config, a fresh optimizer and warm-up")
     parser.add_argument("--export", action="store_true",
-                        help="do not train: evaluate the workdir's checkpoint on the full test set and ship it "
-                             "as jaxdnn/pretrained/<model>.msgpack with its card")
-    parser.add_argument("--export-dir", default=None, metavar="DIR",
-                        help="with --export: write <model>.msgpack and .json here instead of the package")
+                        help="do not train: score the workdir's latest averaged weights on the validation and test "
+                             "sets and write <model>.msgpack and its card to WORKDIR/export (or --export-dir)")
+    parser.add_argument("--export-dir", default=None, metavar="DIR", help="with --export: write here instead")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --export: replace the package's shipped model (maintainers)")
     distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, PROG)
-    if args.init_from is not None:
-        overrides = {**shipped_model_config(args.model, args.init_from, overrides, PROG), **overrides}
-    model_cfg, cfg = split_config(args.model, overrides, PROG)
+    if args.stop_after is not None and args.stop_after < 1:
+        fail(PROG, f"--stop-after must be >= 1, got {args.stop_after}")
+    if (args.export_dir or args.ship) and not args.export:
+        fail(PROG, "--export-dir and --ship go with --export")
+    if args.export_dir and args.ship:
+        fail(PROG, "give --export-dir or --ship, not both")
+    try:
+        config = trainer.default_config(args.model, args.init_from, **overrides)
+    except ValueError as e:
+        fail(PROG, f"--config: {e}" if args.init_from is None or "init_from" not in str(e) else
+             str(e).replace("init_from", "--init-from").replace("drop ", "drop --config."))
     distributed.initialize_from_args(args, PROG)  # before anything touches a JAX backend
-    from jaxdnn import trainer
-
     workdir = Path(args.workdir or f"runs/{args.model}")
-    config = {"model": args.model, "model_config": model_cfg, "train_config": cfg, "init_from": args.init_from}
     try:
         if args.export:
-            return export(config, workdir, args.export_dir)
+            from jaxdnn import pretrained
+
+            destination = pretrained.SHIPPED_DIR if args.ship else Path(args.export_dir or workdir / "export")
+            return export(args.model, workdir, destination)
         final = trainer.train_and_evaluate(config, workdir, stop_after=args.stop_after, progress=not args.quiet,
                                            command=command_line(argv))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
@@ -100,21 +91,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def shipped_model_config(model_name: str, shipped: str, overrides: dict, prog: str) -> dict:
-    """The model config of the shipped model `shipped`, checked against `--model` and any
-    `--config.` model keys (a shipped model's weights fit only its own architecture)."""
-    from jaxdnn import pretrained
-
-    try:
-        info = pretrained.card(shipped)
-    except ValueError as e:
-        fail(prog, str(e))
-    if info["model"] != model_name:
-        fail(prog, f"--init-from {shipped} is a {info['model']}, not a {model_name}")
-    clash = sorted(k for k in overrides if k in info["model_config"] and overrides[k] != info["model_config"][k])
-    if clash:
-        fail(prog, f"--init-from {shipped} fixes the model config; drop --config.{clash[0]}")
-    return info["model_config"]
+def config_help() -> str:
+    """The --config.KEY=VALUE keys of every model with their defaults and ranges, for --help."""
+    lines = ["training keys (--config.KEY=VALUE):"]
+    lines += [f"  {k}={f.default!r} {f.range_text()}" for k, f in trainer.TRAIN_SCHEMA.items()]
+    for name in sorted(MODELS):
+        schema = config_schema(name)
+        lines.append(f"{name} keys: " + ", ".join(f"{k}={f.default!r}" for k, f in schema.items()))
+    return "\n".join(lines)
 
 
 def command_line(argv) -> str:
@@ -130,10 +114,19 @@ def command_line(argv) -> str:
     return " ".join(["python -m experiments.train_flow", *out])
 
 
-def export(config: dict, workdir: Path, directory: str | None = None) -> int:
-    """Scores the workdir's latest checkpoint on the 10,000 test images and ships it with its card
-    (a run started with --init-from nests the card it started from: every stage, its hardware and
-    wall time)."""
+def validation_curve(log_path: Path) -> list[dict]:
+    """The periodic validation rows of a run's metrics.jsonl (step, epoch, wall seconds, bits/dim
+    of the averaged and raw weights), for the card and its figure."""
+    keys = ("step", "epoch", "wall_seconds", "val_bpd", "val_bpd_raw")
+    rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln] if log_path.exists() else []
+    return [{k: r[k] for k in keys if k in r} for r in rows if "val_bpd" in r]
+
+
+def export(name: str, workdir: Path, directory: Path) -> int:
+    """Scores the workdir's latest averaged weights on the 5,000 validation and the 10,000 test
+    images (the test set's one reading) and writes them with their card into `directory`. A run
+    started from other weights nests their card: every stage, its hardware and wall time."""
+    import os
     import platform
 
     import jax
@@ -141,13 +134,11 @@ def export(config: dict, workdir: Path, directory: str | None = None) -> int:
     from jaxdnn import pretrained, train, trainer
     from jaxdnn.data import load_mnist
 
-    name = config["model"]
     if not (workdir / "config.json").exists():
         fail(PROG, f"no training run in {workdir} to export")
-    run = json.loads((workdir / "config.json").read_text())  # the run's own config, not this command's
-    if run["model"] != name:
-        fail(PROG, f"{workdir} holds a {run['model']} run, not a {name}")
-    config = {**config, **run}
+    config = trainer.check_run_config(json.loads((workdir / "config.json").read_text()))  # the run's own
+    if config["model"] != name:
+        fail(PROG, f"{workdir} holds a {config['model']} run, not a {name}")
     model, _, state, extra, mesh = trainer.setup(config, workdir)
     if state is None:
         fail(PROG, f"no checkpoint in {workdir} to export")
@@ -155,31 +146,43 @@ def export(config: dict, workdir: Path, directory: str | None = None) -> int:
     history = [json.loads(ln) for ln in hist_path.read_text().splitlines() if ln] if hist_path.exists() else []
     t0 = time.time()
     eval_key = train.run_keys(config["train_config"]["seed"])["eval"]
-    test = train.score(model, state.params, load_mnist("test")[0], eval_key, mesh=mesh)
+    scores = {split: train.score(model, state.ema_params, load_mnist(split)[0], eval_key, mesh=mesh)
+              for split in ("validation", "test")}
+    steps, batch = int(state.step), config["train_config"]["batch_size"]
     card = {
         **{k: v for k, v in config.items() if k != "init_from"},
+        "init_from": config["init_from"],
         "training_command": history[-1]["command"] if history else "",
         "training_history": history,
-        "steps": int(state.step),
+        "split": "trained on MNIST training images 0..54999; validation 55000..59999; test read once, here",
+        "steps": steps,
         "planned_steps": config["train_config"]["steps"],
+        "epochs": round((steps - config["init_step"]) * batch / 55000, 2),
         "wall_seconds": round(extra["wall_seconds"], 1),
         "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
-                    f" {__import__('os').cpu_count()} cores)",
-        "test_bpd": round(test["bpd"], 5),
-        "test_bpd_stderr": round(test["bpd_stderr"], 5),
-        "test_images": test["images"],
-        "test_bpd_first256": round(float(test["per_image"][:256].mean()), 5),
-        "evaluation": "uniform dequantization with a fixed key, python -m experiments.evaluate_flow --model " + name,
-        "parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+                    f" {os.cpu_count()} cores)",
+        "weights": "Polyak average (ema)" if config["train_config"]["ema"] > 0 else "last step",
+        "val_bpd": round(scores["validation"]["bpd"], 5),
+        "val_bpd_stderr": round(scores["validation"]["bpd_stderr"], 5),
+        "test_bpd": round(scores["test"]["bpd"], 5),
+        "test_bpd_stderr": round(scores["test"]["bpd_stderr"], 5),
+        "test_images": scores["test"]["images"],
+        "test_bpd_first256": round(float(scores["test"]["per_image"][:256].mean()), 5),
+        "evaluation": "uniform dequantization with the run's eval key, python -m experiments.evaluate_flow --model "
+                      + name,
+        "parameters": int(sum(x.size for x in jax.tree.leaves(state.ema_params))),
+        "validation_curve": validation_curve(workdir / "metrics.jsonl"),
     }
     if (workdir / "init_card.json").exists():  # the card of the weights this run started from
         card["initialized_from"] = json.loads((workdir / "init_card.json").read_text())
-        card["total_wall_seconds"] = round(card["wall_seconds"] + card["initialized_from"].get(
-            "total_wall_seconds", card["initialized_from"]["wall_seconds"]), 1)
+        before = card["initialized_from"]
+        card["total_wall_seconds"] = round(card["wall_seconds"] + before.get("total_wall_seconds",
+                                                                             before.get("wall_seconds", 0)), 1)
+        card["total_epochs"] = round(card["epochs"] + before.get("total_epochs", before.get("epochs", 0)), 2)
     if distributed.is_main():
-        path = pretrained.export(state.params, card, name, directory)
-        print(json.dumps({"exported": str(path), "test_bpd": card["test_bpd"], "steps": card["steps"],
-                          "eval_seconds": round(time.time() - t0, 1)}))
+        path = pretrained.export(state.ema_params, card, name, directory)
+        print(json.dumps({"exported": str(path), "val_bpd": card["val_bpd"], "test_bpd": card["test_bpd"],
+                          "steps": card["steps"], "eval_seconds": round(time.time() - t0, 1)}))
     return 0
 
 

@@ -6,17 +6,41 @@ model's own dataclass fields) and the training command line."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, NamedTuple
 
 __all__ = ["Field", "check_config"]
 
 
 class Field(NamedTuple):
-    """A config key: its type (int, float, str or bool), default, and allowed values (None: any)."""
+    """A config key: its type (int, float, str or bool), default, allowed values (None: any) and
+    range: `low` <= value <= `high` (None: unbounded; `open_low`/`open_high` make a bound strict).
+    Floats must also be finite."""
 
     type: type
     default: Any
     choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def range_text(self) -> str:
+        """The range as a reader writes it ("> 0", ">= 1", "in [0, 1)"), "" when unbounded."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.open_high else '<='} {self.high}"
+        return ""
+
+    def in_range(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        lo_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        hi_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return lo_ok and hi_ok
 
 
 def _typed(kind: str, key: str, field: Field, value):
@@ -28,6 +52,8 @@ def _typed(kind: str, key: str, field: Field, value):
         raise ValueError(f"{kind} key {key!r} must be {want.__name__}, got {value!r} ({type(value).__name__})")
     if field.choices is not None and value not in field.choices:
         raise ValueError(f"{kind} key {key!r} must be one of {', '.join(map(repr, field.choices))}; got {value!r}")
+    if want in (int, float) and not field.in_range(value):
+        raise ValueError(f"{kind} key {key!r} must be {field.range_text() or 'finite'}, got {value!r}")
     return value
 
 

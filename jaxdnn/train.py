@@ -20,9 +20,10 @@ from jaxdnn.distributed import gather
 
 
 class TrainState(NamedTuple):
-    step: jax.Array  # () int32
+    step: jax.Array  # () int32, the run's global step (a run continued from an export carries it on)
     params: Any
     opt_state: Any  # optax.ApplyIfFiniteState: also counts the skipped (non-finite) updates
+    ema_params: Any  # Polyak (exponential moving) average of params: what is evaluated and exported
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
@@ -31,13 +32,21 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return dict(zip(("init", "data", "step", "eval"), jax.random.split(jax.random.key(seed), 4), strict=True))
 
 
-def make_optimizer(lr: float, steps: int, warmup: int, clip: float) -> optax.GradientTransformation:
-    """Adam with linear warmup then cosine decay to lr/10 at `steps`, after global-norm clipping;
-    an update with a non-finite gradient is never applied (`optax.apply_if_finite`: parameters and
-    moments stay, the skip is counted; the training loop stops a run after a long streak)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1),
-                                                  end_value=lr / 10)
-    inner = optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
+def learning_rate(lr: float, steps: int, warmup: int, start_step: int = 0) -> optax.Schedule:
+    """The learning rate at optimizer count c (0 when an optimizer starts): a cosine from `lr` at
+    global step 0 to lr/10 at global step `steps`, read at global step `start_step + c`, times a
+    linear warm-up over this optimizer's first `warmup` counts (a run continued from an export
+    starts a fresh Adam at its step: a short warm-up, the schedule carried on)."""
+    cosine = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1)
+    return lambda count: cosine(count + start_step) * jnp.minimum(1.0, count / max(warmup, 1))
+
+
+def make_optimizer(lr: float, steps: int, warmup: int, clip: float, start_step: int = 0
+                   ) -> optax.GradientTransformation:
+    """Adam on the `learning_rate` schedule, after global-norm clipping; an update with a
+    non-finite gradient is never applied (`optax.apply_if_finite`: parameters and moments stay,
+    the skip is counted; the training loop stops a run after a long streak)."""
+    inner = optax.chain(optax.clip_by_global_norm(clip), optax.adam(learning_rate(lr, steps, warmup, start_step)))
     return optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 1)
 
 
@@ -67,17 +76,26 @@ def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, batch[lo:hi], batch.shape)
 
 
-def init_state(model, key: jax.Array, init_batch: np.ndarray, optimizer) -> TrainState:
-    """Initializes parameters with a data-dependent pass on `init_batch` (uint8 (B, 28, 28))."""
-    k_deq, k_init = jax.random.split(key)
-    x = dequantize(k_deq, init_batch)
-    params = jax.jit(model.init)(k_init, x)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def init_state(model, key: jax.Array, init_batch: np.ndarray, optimizer, params=None, step: int = 0) -> TrainState:
+    """A fresh state at global `step`: `params` if given (weights to continue from), else
+    initialized with a data-dependent pass on `init_batch` (uint8 (B, 28, 28)); a fresh optimizer."""
+    if params is None:
+        k_deq, k_init = jax.random.split(key)
+        params = jax.jit(model.init)(k_init, dequantize(k_deq, init_batch))
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(jnp.asarray(step, jnp.int32), params, optimizer.init(params), jax.tree.map(jnp.copy, params))
 
 
-def make_train_step(model, optimizer) -> Callable:
+def ema_decay(decay: float, count: jax.Array) -> jax.Array:
+    """The averaging weight after `count` updates: min(decay, (1 + count) / (10 + count)), so the
+    average forgets its starting point quickly and then settles at `decay` (0: no averaging)."""
+    return jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+
+
+def make_train_step(model, optimizer, ema: float = 0.0) -> Callable:
     """(state, batch uint8 (B, 28, 28), key) -> (state, metrics): one Adam step on mean bits/dim
-    of the batch dequantized with fold_in(key, step); metrics "bpd", "grad_norm", "ok"."""
+    of the batch dequantized with fold_in(key, step), and the Polyak average of the parameters
+    with decay `ema` (`ema_decay`); metrics "bpd", "grad_norm", "ok", "lr"."""
 
     def loss_fn(params, x):
         bpd = bits_per_dim(model.apply(params, x, method=model.log_prob))
@@ -88,46 +106,63 @@ def make_train_step(model, optimizer) -> Callable:
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = params
+        if ema > 0:
+            count = opt_state.inner_state[1][0].count  # this optimizer's updates (Adam's count)
+            ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(ema, count))
+        new = TrainState(state.step + 1, params, opt_state, ema_params)
         return new, {"bpd": loss, "grad_norm": grad_norm, "ok": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
 
     return jax.jit(step, donate_argnums=0)
 
 
 @functools.cache
-def make_eval_fn(model) -> Callable:
+def make_eval_fn(model, samples: int = 1) -> Callable:
     """(params, batch uint8 (B, 28, 28), key) -> bits/dim per image (B,); one jitted function per
-    model configuration (equal modules share it, so its compilations)."""
+    model configuration and sample count (equal modules share it, so its compilations).
+
+    With `samples` = K > 1, the importance-weighted bound of Burda et al. with K uniform
+    dequantizations u_k (noise 0 from `key`, noise k from fold_in(key, k)):
+    log P(pixels) >= log (1/K) sum_k p((pixels + u_k)/256) / 256^784, so K = 1 is the usual
+    bound and the bound tightens (in expectation) as K grows."""
+
+    def log_prob(params, batch, key):
+        return model.apply(params, dequantize(key, batch), method=model.log_prob)
 
     def evaluate(params, batch, key):
-        x = dequantize(key, batch)
-        return bits_per_dim(model.apply(params, x, method=model.log_prob))
+        logs = [log_prob(params, batch, key)]
+        logs += [log_prob(params, batch, jax.random.fold_in(key, k)) for k in range(1, samples)]
+        log_mean = jax.nn.logsumexp(jnp.stack(logs), axis=0) - math.log(samples)
+        return bits_per_dim(log_mean)
 
     return jax.jit(evaluate)
 
 
 def evaluate_bpd(model, params, images: np.ndarray, key: jax.Array, batch_size: int = 500,
-                 mesh: Mesh | None = None) -> np.ndarray:
-    """Bits/dim of every image (N,) on every process, batch by batch with per-batch keys (a
-    ragged tail is padded); the same numbers for any number of devices or processes."""
-    eval_fn, out = make_eval_fn(model), []
+                 mesh: Mesh | None = None, samples: int = 1) -> np.ndarray:
+    """Bits/dim of every image (N,) on every process (`make_eval_fn`, `samples` dequantizations
+    each), batch by batch with per-batch keys; a ragged batch is padded by repeating its images up
+    to a multiple of the device count (any N >= 1, any device count); the same numbers for any
+    number of devices or processes."""
+    eval_fn, out = make_eval_fn(model, samples), []
     n_dev = 1 if mesh is None else mesh.size
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         pad = (-len(chunk)) % n_dev
-        padded = np.concatenate([chunk, chunk[:pad]]) if pad else chunk
+        padded = np.concatenate([chunk, np.resize(chunk, (pad, *chunk.shape[1:]))]) if pad else chunk
         batch = padded if mesh is None else shard_batch(padded, mesh)
         out.append(gather(eval_fn(params, batch, jax.random.fold_in(key, i)))[: len(chunk)])
     return np.concatenate(out)
 
 
-def score(model, params, images: np.ndarray, key: jax.Array, mesh: Mesh | None = None) -> dict:
-    """The flow's bits/dim on `images` (uint8 (N, 28, 28)), dequantized with `key`, as every card,
-    final metric and shipped-model check reports it: {"bpd": mean, "bpd_stderr", "images": N,
-    "per_image": (N,)}."""
-    bpds = evaluate_bpd(model, params, images, key, mesh=mesh)
+def score(model, params, images: np.ndarray, key: jax.Array, mesh: Mesh | None = None, samples: int = 1) -> dict:
+    """The flow's bits/dim on `images` (uint8 (N, 28, 28)), dequantized with `key` (`samples`
+    importance samples each: `make_eval_fn`), as every card, final metric and shipped-model check
+    reports it: {"bpd": mean, "bpd_stderr", "images": N, "samples", "per_image": (N,)}."""
+    bpds = evaluate_bpd(model, params, images, key, mesh=mesh, samples=samples)
     mean, stderr = mean_and_stderr(bpds)
-    return {"bpd": mean, "bpd_stderr": stderr, "images": len(bpds), "per_image": bpds}
+    return {"bpd": mean, "bpd_stderr": stderr, "images": len(bpds), "samples": samples, "per_image": bpds}
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:

@@ -7,8 +7,13 @@ a collective. Checkpoints are orbax's (`CheckpointManager`: atomic, the last two
 onto the current mesh). The data order and keys are functions of the step number, so a resumed
 run is bit-identical to one that never stopped (same process and device count).
 
+The run trains on the training split (images 0..54999), evaluates the Polyak-averaged weights
+on the validation split (55000..59999) and never reads a test image: `export` (the CLI's
+--export) scores the test set once, for the card.
+
 Workdir: config.json, history.jsonl (one row per stage), metrics.jsonl, checkpoints/<step>/,
-init_card.json (with "init_from": the shipped card it started from), final.json once `steps` are done.
+init_card.json (the card of the weights it started from, with `init_from`), final.json once
+`steps` are done.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxdnn import train
+from jaxdnn.config import Field, check_config
 from jaxdnn.data import batches, load_mnist
 from jaxdnn.distributed import from_every_process, is_main
 from jaxdnn.flows import build_model
@@ -64,12 +70,75 @@ def _agree(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in seen.any(axis=0))
 
 
+TRAIN_SCHEMA = {  # the training keys of a run's config: type, default, range (one home)
+    "batch_size": Field(int, 64, low=1),
+    "lr": Field(float, 1e-3, low=0.0, open_low=True),
+    "steps": Field(int, 5000, low=0),  # the run's last global step; 0 (or the start's step): evaluate only
+    "warmup": Field(int, 300, low=0),
+    "clip": Field(float, 100.0, low=0.0, open_low=True),
+    "seed": Field(int, 0, low=0),
+    "ema": Field(float, 0.999, low=0.0, high=1.0, open_high=True),  # Polyak decay; 0: none
+    "eval_every": Field(int, 1000, low=1),
+    "eval_images": Field(int, 5000, low=1, high=5000),  # validation images of the periodic evaluation
+    "log_every": Field(int, 50, low=1),
+    "checkpoint_minutes": Field(float, 3.0, low=0.0, open_low=True),
+    "max_bad_streak": Field(int, 100, low=1),
+}
+RUN_KEYS = ("model", "model_config", "train_config", "init_from", "init_step")
+
+
+def default_config(model: str, init_from: str | None = None, **overrides) -> dict:
+    """A complete, checked run config {"model", "model_config", "train_config", "init_from",
+    "init_step"}: the defaults updated by `overrides` (model and training keys in one namespace);
+    with `init_from` (a shipped name, exported .msgpack or workdir: `jaxdnn.pretrained`) the
+    model config is the source's and the run starts at the source's step. Raises ValueError
+    (unknown key with its nearest name, type, range) in one line."""
+    from jaxdnn import pretrained
+    from jaxdnn.flows import config_schema
+
+    model_schema = config_schema(model)
+    init_step = 0
+    if init_from is not None:
+        info = pretrained.card(init_from)
+        if info["model"] != model:
+            raise ValueError(f"init_from {init_from} is a {info['model']}, not a {model}")
+        clash = sorted(k for k in overrides if k in info["model_config"] and overrides[k] != info["model_config"][k])
+        if clash:
+            raise ValueError(f"init_from {init_from} fixes the model config; drop {clash[0]}")
+        overrides, init_step = {**info["model_config"], **overrides}, int(info["steps"])
+    cfg = check_config(f"config ({model})", {**model_schema, **TRAIN_SCHEMA}, overrides)
+    return {"model": model, "model_config": {k: v for k, v in cfg.items() if k in model_schema},
+            "train_config": {k: v for k, v in cfg.items() if k not in model_schema},
+            "init_from": None if init_from is None else str(init_from), "init_step": init_step}
+
+
+def check_run_config(config: dict) -> dict:
+    """`config` completed and checked like `default_config` (a dict from Python or a config.json)."""
+    unknown = sorted(set(config) - set(RUN_KEYS))
+    if unknown or "model" not in config:
+        raise ValueError(f"a run config has keys {', '.join(RUN_KEYS)} (model required); got {sorted(config)}")
+    full = default_config(config["model"], **{**config.get("model_config", {}), **config.get("train_config", {})})
+    return {**full, "init_from": config.get("init_from"), "init_step": int(config.get("init_step", 0))}
+
+
 def _check_workdir(workdir: Path, config: dict) -> None:
+    """A workdir resumes only the run it holds: any difference but a larger `steps` is an error
+    naming the keys (old -> new)."""
     path = workdir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old["model"] != config["model"] or old["model_config"] != config["model_config"]:
-            raise ValueError(f"{workdir} holds a run of another model/config; use a new workdir")
+    if not path.exists():
+        return
+    old = check_run_config(json.loads(path.read_text()))
+    flat = lambda c: {**{k: c[k] for k in ("model", "init_from", "init_step")}, **c["model_config"],
+                      **{k: v for k, v in c["train_config"].items() if k != "steps"}}
+    before, after = flat(old), flat(config)
+    diff = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)]
+    if config["train_config"]["steps"] < old["train_config"]["steps"]:
+        diff.append(f"steps: {old['train_config']['steps']} -> {config['train_config']['steps']} (only a larger "
+                    "steps extends a run)")
+    if diff:
+        raise ValueError(f"{workdir} holds another run ({'; '.join(diff)}); use a new workdir, or the same "
+                         "config to resume")
 
 
 def _append_stage(path: Path, command: str, start: int, steps: int) -> None:
@@ -85,10 +154,10 @@ def _append_stage(path: Path, command: str, start: int, steps: int) -> None:
 def setup(config: dict, workdir: str | Path, train_images: np.ndarray | None = None):
     """(model, optimizer, state on the mesh, extra, mesh) of the run in `workdir`: resumed from
     its latest checkpoint; else, given `train_images`, initialized (from `config["init_from"]`'s
-    shipped weights if set); else None for the state and extra (nothing to resume)."""
+    weights at its step if set); else None for the state and extra (nothing to resume)."""
     cfg = config["train_config"]
     model = build_model(config["model"], **config["model_config"])
-    optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"])
+    optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"], config["init_step"])
     mesh = train.data_mesh()
     if cfg["batch_size"] % mesh.size:
         raise ValueError(f"batch_size {cfg['batch_size']} must be a multiple of the {mesh.size} devices")
@@ -103,24 +172,27 @@ def setup(config: dict, workdir: str | Path, train_images: np.ndarray | None = N
     if train_images is None:
         return model, optimizer, None, None, mesh
     init_batch = train_images[np.random.default_rng(cfg["seed"]).permutation(len(train_images))[:512]]
-    state = train.init_state(model, init_key, init_batch, optimizer)
+    params = None
     if config.get("init_from"):
         from jaxdnn import pretrained
 
-        state = state._replace(params=pretrained.load(config["init_from"])[1])
+        params = pretrained.load(config["init_from"])[1]
+    state = train.init_state(model, init_key, init_batch, optimizer, params, config["init_step"])
     return model, optimizer, train.replicate(state, mesh), {"wall_seconds": 0.0}, mesh
 
 
 def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | None = None,
                        progress: bool = True, command: str = "") -> dict[str, Any] | None:
-    """Trains (or resumes) the run `config` = {"model", "model_config", "train_config",
-    "init_from"?} in `workdir` and returns its final metrics (test bits/dim over the 10,000 test
-    images), or None when it stopped early (SIGTERM, `stop_after` steps of this call): rerun to
-    resume. Raises ValueError for a workdir of another run, FileNotFoundError without MNIST."""
+    """Trains (or resumes) the run `config` (`default_config`'s dict; checked here) in `workdir`
+    on the training split and returns its final metrics (validation bits/dim of the averaged
+    weights over the 5,000 validation images), or None when it stopped early (SIGTERM,
+    `stop_after` steps of this call): rerun to resume. Reads no test image (`export` does, once).
+    Raises ValueError for a bad config or a workdir of another run, FileNotFoundError without MNIST."""
     workdir = Path(workdir)
+    config = check_run_config(config)
     cfg = config["train_config"]
     _check_workdir(workdir, config)
-    train_images, test_images = load_mnist("train")[0], load_mnist("test")[0]
+    train_images, val_images = load_mnist("train")[0], load_mnist("validation")[0]
     model, optimizer, state, extra, mesh = setup(config, workdir, train_images)
     keys = train.run_keys(cfg["seed"])
     start, wall = int(state.step), extra["wall_seconds"]
@@ -128,59 +200,69 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config, indent=2))
-        kept = log_path.read_text().splitlines() if start and log_path.exists() else []
+        fresh = not (workdir / "history.jsonl").exists()
+        kept = [] if fresh or not log_path.exists() else log_path.read_text().splitlines()
         log_path.write_text("".join(ln + "\n" for ln in kept if json.loads(ln)["step"] <= start))
         _append_stage(workdir / "history.jsonl", command, start, cfg["steps"])
-        if config.get("init_from") and not start:  # what the run starts from, for its card
+        if config.get("init_from") and fresh:  # what the run starts from, for its card
             from jaxdnn import pretrained
 
             (workdir / "init_card.json").write_text(json.dumps(pretrained.card(config["init_from"]), indent=2))
         print(f"{config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
-              f"{'resumed at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
+              f"{'at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
               f"process(es), {mesh.size} x {jax.devices()[0].platform}", file=sys.stderr)
-    step_fn = train.make_train_step(model, optimizer)
+    step_fn = train.make_train_step(model, optimizer, cfg["ema"])
+    schedule = train.learning_rate(cfg["lr"], cfg["steps"], cfg["warmup"], config["init_step"])
     manager = checkpoint_manager(workdir)
     terminated = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: terminated.update(now=True))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: terminated.update(now=True))
     every = 1 if jax.process_count() == 1 else SYNC_EVERY
     last_ckpt = t_last = time.time()
-    running = []
+    running, images_since = [], 0
+    validation = val_images[: cfg["eval_images"]]
     bar = tqdm(total=cfg["steps"], initial=start, disable=not (progress and is_main()), dynamic_ncols=True,
                desc=config["model"])
-    for step, batch in batches(keys["data"], train_images, cfg["batch_size"], start_step=start):
-        if step >= cfg["steps"]:
-            break
-        if step % every == 0:
-            due = time.time() - last_ckpt > 60 * cfg["checkpoint_minutes"]
-            stop, due = _agree(terminated["now"] or (stop_after is not None and step - start >= stop_after), due)
-            if stop:
+    try:
+        for step, batch in batches(keys["data"], train_images, cfg["batch_size"], start_step=start):
+            if step >= cfg["steps"]:
                 break
-            if due:
-                save(manager, state, {"wall_seconds": wall + time.time() - t_last})
-                last_ckpt = time.time()
-        state, metrics = step_fn(state, train.shard_batch(batch, mesh), keys["step"])
-        done = step + 1
-        bar.update(1)
-        if done % cfg["log_every"] and done != cfg["steps"]:
-            continue
-        running.append(float(metrics["bpd"]))
-        now = time.time()
-        wall, t_last = wall + now - t_last, now
-        skipped, streak = train.skipped_updates(state)
-        row = {"step": done, "train_bpd": float(np.mean(running[-10:])), "grad_norm": float(metrics["grad_norm"]),
-               "skipped": skipped, "wall_seconds": round(wall, 1)}
-        if done % cfg["eval_every"] == 0:
-            row["test_bpd"] = float(train.evaluate_bpd(model, state.params, test_images[: cfg["eval_images"]],
-                                                       keys["eval"], mesh=mesh).mean())
-        if is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        test = {"test": f"{row['test_bpd']:.3f}"} if "test_bpd" in row else {}
-        bar.set_postfix(bpd=f"{row['train_bpd']:.3f}", **test)
-        if streak > cfg["max_bad_streak"]:
-            save(manager, state, {"wall_seconds": wall})
-            raise FloatingPointError(f"{streak} consecutive non-finite updates at step {done}; lower lr or raise clip")
-    bar.close()
+            if step % every == 0:
+                due = time.time() - last_ckpt > 60 * cfg["checkpoint_minutes"]
+                stop, due = _agree(terminated["now"] or (stop_after is not None and step - start >= stop_after), due)
+                if stop:
+                    break
+                if due:
+                    save(manager, state, {"wall_seconds": wall + time.time() - t_last})
+                    last_ckpt = time.time()
+            state, metrics = step_fn(state, train.shard_batch(batch, mesh), keys["step"])
+            done, images_since = step + 1, images_since + cfg["batch_size"]
+            bar.update(1)
+            if done % cfg["log_every"] and done != cfg["steps"]:
+                continue
+            running.append(float(metrics["bpd"]))
+            now = time.time()
+            row = {"step": done, "epoch": round(done * cfg["batch_size"] / len(train_images), 3),
+                   "train_bpd": float(np.mean(running[-10:])), "grad_norm": float(metrics["grad_norm"]),
+                   "lr": float(schedule(done - config["init_step"])), "images_per_second":
+                   round(images_since / max(now - t_last, 1e-9), 1), "skipped": train.skipped_updates(state)[0]}
+            wall, t_last, images_since = wall + now - t_last, now, 0
+            row["wall_seconds"] = round(wall, 1)
+            if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+                row.update(_validate(model, state, validation, keys["eval"], mesh, cfg["ema"] > 0))
+                t_last = time.time()  # evaluation time is not training wall time
+            if is_main():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            shown = {"val": f"{row['val_bpd']:.3f}"} if "val_bpd" in row else {}
+            bar.set_postfix(bpd=f"{row['train_bpd']:.3f}", **shown)
+            streak = train.skipped_updates(state)[1]
+            if streak > cfg["max_bad_streak"]:
+                save(manager, state, {"wall_seconds": wall})
+                raise FloatingPointError(f"{streak} consecutive non-finite updates at step {done}; "
+                                         "lower lr or raise clip")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
     wall += time.time() - t_last
     save(manager, state, {"wall_seconds": wall})
     manager.close()
@@ -188,10 +270,21 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         if is_main():
             print(f"stopped at step {int(state.step)}; rerun the same command to resume", file=sys.stderr)
         return None
-    test = train.score(model, state.params, test_images, keys["eval"], mesh=mesh)
-    final = {**config, "steps": int(state.step), "wall_seconds": round(wall, 1), "test_bpd": test["bpd"],
-             "test_bpd_stderr": test["bpd_stderr"], "skipped_updates": train.skipped_updates(state)[0],
+    val = train.score(model, state.ema_params, val_images, keys["eval"], mesh=mesh)
+    final = {**config, "steps": int(state.step), "epochs": round(int(state.step) * cfg["batch_size"] /
+                                                                 len(train_images), 2),
+             "wall_seconds": round(wall, 1), "val_bpd": val["bpd"], "val_bpd_stderr": val["bpd_stderr"],
+             "skipped_updates": train.skipped_updates(state)[0],
              "devices": f"{mesh.size} x {jax.devices()[0].device_kind}", "processes": jax.process_count()}
     if is_main():
         (workdir / "final.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def _validate(model, state: train.TrainState, images: np.ndarray, key, mesh, averaged: bool) -> dict:
+    """Validation bits/dim of the weights evaluated and exported ("val_bpd": the average when
+    `averaged`) and, beside it, of the raw weights ("val_bpd_raw")."""
+    row = {"val_bpd": float(train.evaluate_bpd(model, state.ema_params, images, key, mesh=mesh).mean())}
+    if averaged:
+        row["val_bpd_raw"] = float(train.evaluate_bpd(model, state.params, images, key, mesh=mesh).mean())
+    return row

@@ -112,7 +112,7 @@ def test_load_mnist_missing_file_says_how_to_fetch(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m jaxdnn.data fetch"):
         data.load_mnist("test", data_dir=tmp_path)
     with pytest.raises(ValueError, match="split"):
-        data.load_mnist("validation", data_dir=tmp_path)
+        data.load_mnist("valid", data_dir=tmp_path)
 
 
 def test_logit_log_det_matches_jacobian(key):
@@ -156,9 +156,12 @@ def test_batches_are_deterministic_and_resumable(key):
 @pytest.mark.mnist
 def test_real_mnist():
     """Needs `python -m jaxdnn.data fetch` (the README's test command runs it first)."""
-    train_x, train_y = data.load_mnist("train")
+    train_x, train_y = data.load_mnist("train+validation")
     test_x, test_y = data.load_mnist("test")
     assert train_x.shape == (60000, 28, 28) and train_x.dtype == np.uint8
+    split_x = np.concatenate([data.load_mnist("train")[0], data.load_mnist("validation")[0]])
+    assert data.load_mnist("train")[0].shape == (55000, 28, 28)
+    np.testing.assert_array_equal(split_x, train_x)  # train then validation: the whole file, no overlap
     assert test_x.shape == (10000, 28, 28)
     assert np.bincount(train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -183,7 +183,8 @@ def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_para
     """FlowBijector: exact round trip, forward log-det = -inverse log-det (the inverse is the
     model's encode, whose log-det is checked against the brute-force Jacobian above);
     FlowDistribution.log_prob is the model's and composes with distrax (Transformed of the prior
-    by the bijector); samples lie in [0, 1]."""
+    by the bijector); samples come with their own exact log-density; the tempered density is the
+    scaled prior through the same bijector."""
     x, all_params = model_params
     model, params = MODELS[name], all_params[name]
     bij, dist = FlowBijector(model, params), FlowDistribution(model, params)
@@ -204,7 +205,22 @@ def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_para
     np.testing.assert_allclose(distrax.Transformed(base, bij).log_prob(x), want, rtol=1e-5, atol=2e-3)
     samples, log_p = dist.sample_and_log_prob(seed=jax.random.key(3), sample_shape=(2,))  # batch 2: compiled
     chex.assert_shape((samples, log_p), ((2, 28, 28, 1), (2,)))
-    assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
-    np.testing.assert_allclose(log_p, dist.log_prob(samples), rtol=1e-6)
+    if name != "nice":  # a logit flow's support: (-e, 1 + e), e ~ 1e-6
+        assert float(samples.min()) >= -2e-6 and float(samples.max()) <= 1 + 2e-6
+    # the density of exactly the draws (the decode's log-det) = the encode path's log_prob of them
+    np.testing.assert_allclose(log_p, dist.log_prob(samples), rtol=1e-5, atol=0.05)
     with pytest.raises(ValueError, match="event shape"):
         dist.log_prob(x[..., 0])
+    with pytest.raises(ValueError, match="floats"):
+        dist.log_prob(jnp.zeros((28, 28, 1), jnp.uint8))
+    if name != "nice":  # outside a logit flow's support: -inf, never NaN
+        assert float(dist.log_prob(x[0] * 255.0)) == -np.inf and float(dist.log_prob(x[0] - 0.5)) == -np.inf
+    # temperature T: the prior scaled by T, the same bijector
+    cold = FlowDistribution(model, params, temperature=0.7)
+    scaled = distrax.Independent(prior(jnp.zeros(x.shape), 0.7 * jnp.ones(x.shape)), 3)
+    np.testing.assert_allclose(cold.log_prob(x), distrax.Transformed(scaled, bij).log_prob(x), rtol=1e-5, atol=2e-3)
+    mode = bij.forward(jnp.zeros((1, 28, 28, 1)))
+    np.testing.assert_allclose(FlowDistribution(model, params, 1e-6).sample(seed=jax.random.key(5), sample_shape=(1,)),
+                               mode, atol=1e-4)  # T -> 0 decodes the prior's mode
+    with pytest.raises(ValueError, match="temperature"):
+        FlowDistribution(model, params, temperature=0.0)

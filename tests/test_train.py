@@ -2,15 +2,18 @@
 agree, and the shipped weights reproduce their cards."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import compilation_cache_env
+from flax import linen as nn
 
 from jaxdnn import pretrained, train
 from jaxdnn.flows import build_model
@@ -98,13 +101,14 @@ def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_tra
     final_whole, ckpt_whole = _params(tmp_path / "whole")
     final_resumed, ckpt_resumed = _params(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, ckpt_whole, ckpt_resumed)  # bit-identical state
-    assert final_whole["test_bpd"] == final_resumed["test_bpd"]
-    exported = subprocess.run(_command(tmp_path / "whole", "--export", "--export-dir", str(tmp_path)),
+    assert final_whole["val_bpd"] == final_resumed["val_bpd"]
+    exported = subprocess.run(_command(tmp_path / "whole", "--export"),
                               env={**os.environ, **one_device}, capture_output=True, text=True, check=False)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    card = json.loads((tmp_path / "nice.json").read_text())  # the checkpoint, rescored: the run's own figure
-    assert card["steps"] == 6 and card["test_bpd"] == round(final_whole["test_bpd"], 5)
-    assert (tmp_path / "nice.msgpack").stat().st_size > 0
+    card = json.loads((tmp_path / "whole" / "export" / "nice.json").read_text())  # into the workdir by default
+    assert card["steps"] == 6 and card["val_bpd"] == round(final_whole["val_bpd"], 5)  # rescored: the run's figure
+    assert card["test_images"] == 10000 and np.isfinite(card["test_bpd"])
+    assert (tmp_path / "whole" / "export" / "nice.msgpack").stat().st_size > 0
 
     two_devices = {**one_device, "XLA_FLAGS": xla_flags + " --xla_force_host_platform_device_count=2"}
     peers = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
@@ -118,7 +122,7 @@ def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_tra
     assert final_two["processes"] == 2 and final_two["devices"].startswith("4 x")
     np.testing.assert_allclose([r["train_bpd"] for r in _metrics(tmp_path / "two_processes")],
                                [r["train_bpd"] for r in whole], rtol=1e-4)
-    assert final_two["test_bpd"] == pytest.approx(final_whole["test_bpd"], rel=1e-5)
+    assert final_two["val_bpd"] == pytest.approx(final_whole["val_bpd"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -136,6 +140,14 @@ def test_pretrained_model_reproduces_its_card(name):
     ("--config.hidden=4.5", "'hidden' must be int"),
     ("--config.stpes=20", "did you mean 'steps'"),
     ("--config.lr=fast", "'lr' must be float"),
+    ("--config.lr=-1", "'lr' must be > 0"),
+    ("--config.lr=inf", "'lr' must be > 0"),
+    ("--config.steps=-5", "'steps' must be >= 0"),
+    ("--config.batch_size=0", "'batch_size' must be >= 1"),
+    ("--config.ema=1", "'ema' must be in [0.0, 1.0)"),
+    ("--config.hidden=0", "'hidden' must be >= 1"),
+    ("--init-from=nowhere", "neither a shipped model"),
+    ("--init-from=glow", "is a glow, not a nice"),
 ])
 def test_bad_configs_exit_2_with_one_line(flag, match, tmp_path, capsys):
     from experiments import train_flow
@@ -145,3 +157,149 @@ def test_bad_configs_exit_2_with_one_line(flag, match, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1 and match in stderr, stderr
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_ema_decay_forgets_the_start_then_settles():
+    decays = [float(train.ema_decay(0.999, jnp.asarray(c))) for c in (0, 10, 10_000)]
+    assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(11 / 20) and decays[2] == pytest.approx(0.999)
+    assert float(train.ema_decay(0.0, jnp.asarray(5))) == 0.0
+
+
+def test_learning_rate_continued_from_a_step_carries_the_cosine_on():
+    whole, continued = train.learning_rate(1e-3, 1000, 10), train.learning_rate(1e-3, 1000, 10, start_step=600)
+    assert float(continued(0)) == 0.0  # a fresh optimizer warms up again
+    np.testing.assert_allclose(float(continued(50)), float(whole(650)), rtol=1e-6)  # then the same schedule
+    np.testing.assert_allclose(float(whole(1000)), 1e-4, rtol=1e-5)  # lr/10 at the last step
+
+
+def test_the_averaged_weights_follow_the_raw_ones():
+    model = build_model("nice", hidden=8, depth=1)
+    images = (np.random.default_rng(0).random((8, 28, 28)) < 0.2).astype(np.uint8) * 255
+    opt = train.make_optimizer(1e-2, 20, 1, 100.0)
+    state = train.init_state(model, jax.random.key(0), images, opt)
+    start = jax.tree.map(np.asarray, state.params)
+    step = train.make_train_step(model, opt, ema=0.9)
+    for _ in range(3):
+        previous = jax.tree.map(np.asarray, state.ema_params)
+        state, _ = step(state, images, jax.random.key(1))
+    # after update c (here the third, c = 3): ema = d * previous + (1 - d) * params, d = min(0.9, 4/13)
+    d = 4 / 13
+    jax.tree.map(lambda e, p, q: np.testing.assert_allclose(e, d * q + (1 - d) * np.asarray(p), rtol=1e-5, atol=1e-7),
+                 state.ema_params, state.params, previous)
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.ema_params, start)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_default_config_is_complete_and_checked():
+    from jaxdnn import trainer
+
+    config = trainer.default_config("realnvp", lr=5e-4)
+    assert config["train_config"]["lr"] == 5e-4 and config["model_config"]["hidden"] == 48
+    assert config["init_step"] == 0 and config["init_from"] is None
+    for bad, match in (({"warmpu": 10}, "did you mean 'warmup'"), ({"lr": "5e-4"}, "'lr' must be float"),
+                       ({"warmup": -1}, "'warmup' must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            trainer.default_config("realnvp", **bad)
+    with pytest.raises(ValueError, match="model required"):
+        trainer.check_run_config({"train_config": {}})
+
+
+@pytest.mark.mnist
+def test_the_trainer_reads_no_test_image(tmp_path, monkeypatch):
+    """Training, its periodic and final evaluations read the training and validation splits only."""
+    from jaxdnn import data, trainer
+
+    read = []
+    real = data.load_mnist
+
+    def spy(split, *args, **kwargs):
+        read.append(split)
+        if split not in ("train", "validation"):
+            raise AssertionError(f"the trainer read the {split} split")
+        return real(split, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "load_mnist", spy)
+    config = trainer.default_config("nice", hidden=8, depth=1, batch_size=8, steps=3, warmup=1, eval_every=2,
+                                    eval_images=16, log_every=1)
+    final = trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert sorted(set(read)) == ["train", "validation"] and "test_bpd" not in final and np.isfinite(final["val_bpd"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_bpd" in rows[1] and "val_bpd_raw" in rows[1] and not any("test_bpd" in r for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_runs_continue_from_an_export_or_a_workdir_and_a_changed_config_is_refused(tmp_path):
+    """The README's recipe: train tiny, export (into the workdir, the package untouched), continue
+    a fresh workdir from the exported file at its step, and from the workdir itself; resuming a
+    workdir with another config exits 2 naming the difference."""
+    shipped = {p.name: p.stat().st_mtime_ns for p in pretrained.SHIPPED_DIR.iterdir()}
+    first = tmp_path / "first"
+    _run(first)
+    exported = subprocess.run(_command(first, "--export"), capture_output=True, text=True, check=False)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in pretrained.SHIPPED_DIR.iterdir()} == shipped
+    weights = first / "export" / "nice.msgpack"
+    bad = subprocess.run(_command(first, "--config.lr=0.01"), capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "lr: 0.003 -> 0.01" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    for source in (weights, first):
+        rows = _run(tmp_path / f"from_{source.name}", "--init-from", str(source), "--config.steps=9")
+        assert [r["step"] for r in rows] == [7, 8, 9]  # the source's step carried on
+        card = pretrained.card(tmp_path / f"from_{source.name}")
+        assert card["init_from"] == str(source) and card["init_step"] == 6 and card["steps"] == 9
+    again = subprocess.run(_command(tmp_path / "from_first", "--init-from", str(weights), "--config.steps=9"),
+                           capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "init_from" in again.stderr
+    model, params = pretrained.load(weights)
+    assert pretrained.score_split(weights, "validation", limit=8)["images"] == 8
+
+
+class _BinnedDensity(nn.Module):
+    """A density constant on every pixel bin [p/256, (p+1)/256): its discrete likelihood is known in
+    closed form, log P(pixels) = sum log w[p] (weights w over the 256 values, summing to 1), so
+    every importance-weighted bound equals it exactly."""
+
+    @nn.compact
+    def log_prob(self, x):
+        logits = self.param("logits", nn.initializers.normal(1.0), (256,))
+        log_w = jax.nn.log_softmax(logits)
+        bins = jnp.clip(jnp.floor(x * 256), 0, 255).astype(jnp.int32)
+        return (log_w[bins] + math.log(256.0)).reshape(x.shape[0], -1).sum(-1)
+
+    def __call__(self, x):
+        return self.log_prob(x)
+
+
+def _images(n, seed=0):
+    return (np.random.default_rng(seed).random((n, 28, 28)) * 256).astype(np.uint8)
+
+
+def test_importance_weighted_bpd_is_exact_for_a_binned_density():
+    model = _BinnedDensity()
+    images = _images(6)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    log_w = np.asarray(jax.nn.log_softmax(params["params"]["logits"]), np.float64)
+    exact = -log_w[images.reshape(6, -1)].sum(-1) / (784 * math.log(2.0))
+    for k in (1, 4):
+        np.testing.assert_allclose(train.evaluate_bpd(model, params, images, jax.random.key(1), samples=k), exact,
+                                   rtol=1e-5)
+
+
+def test_importance_weighted_bpd_tightens_with_more_samples():
+    """K = 1 is today's number (same keys); the bound falls as K grows: over 64 images the mean
+    drops by many standard errors of the paired difference from K = 1 to 4 to 16."""
+    from jaxdnn.flows import checks
+
+    model = build_model("realnvp", levels_count=1, pairs=1, final_pairs=1, hidden=8, blocks=1)
+    images = _images(64, seed=2) // 64 * 85  # four grey levels: a spread density the flow fits badly
+    params = checks.perturb(model.init(jax.random.key(0), train.dequantize(jax.random.key(3), images[:8])),
+                            jax.random.key(4), 0.3)
+    key = jax.random.key(5)
+    one = train.evaluate_bpd(model, params, images, key)
+    np.testing.assert_array_equal(one, train.evaluate_bpd(model, params, images, key, samples=1))
+    previous = one
+    for k in (4, 16):
+        bpd = train.evaluate_bpd(model, params, images, key, samples=k)
+        gain = previous - bpd
+        assert gain.mean() > 3 * gain.std(ddof=1) / math.sqrt(len(gain)), (k, gain.mean())
+        previous = bpd

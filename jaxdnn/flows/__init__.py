@@ -33,7 +33,12 @@ def config_schema(name: str) -> dict[str, Field]:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
     cls = MODELS[name]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name", "prior")}
-    return {k: Field(_TYPES[str(f.type)], f.default, cls.CHOICES.get(k)) for k, f in fields.items()}
+    schema = {}
+    for k, f in fields.items():
+        kind = _TYPES[str(f.type)]
+        low, high = cls.RANGES.get(k, (1, None)) if kind is int else (None, None)  # counts and widths >= 1
+        schema[k] = Field(kind, f.default, cls.CHOICES.get(k), low, high)
+    return schema
 
 
 def model_config(name: str, **overrides) -> dict:

@@ -4,10 +4,11 @@
 forward is the model's `decode` (with log|det dx/dz|), its inverse `encode` (with log|det dz/dx|).
 The multi-scale latents are packed into one image-shaped array (each level's latents flattened
 and concatenated, 784 numbers in all), so it chains with any distrax bijector on that event.
-`FlowDistribution(model, params)` is the flow's density over images in [0, 1]^(28x28x1):
-`log_prob` is the model's own log-density (nats, every preprocessing log-det included),
-`sample` decodes prior noise and clips it into [0, 1]. All three are jitted (one compilation
-per model and batch shape) and take any batch shape in front of the event.
+`FlowDistribution(model, params, temperature=1.0)` is the flow's density over images:
+`log_prob` is the model's own log-density (nats, every preprocessing log-det included) at that
+temperature, `sample` decodes scaled prior noise (unclipped), `sample_and_log_prob` returns the
+draws with their exact log-density. All are jitted (one compilation per model and batch shape)
+and take any batch shape in front of the event.
 """
 
 from __future__ import annotations
@@ -93,10 +94,20 @@ class FlowBijector(distrax.Bijector):
 
 
 class FlowDistribution(distrax.Distribution):
-    """The flow's density over images (event shape (28, 28, 1), values in [0, 1])."""
+    """The flow's density over images (event shape (28, 28, 1)), at a `temperature` T > 0: the
+    prior scaled by T (T = 1: the trained model; flows are often sampled at T ~ 0.7), so
+    log_prob(x) = log p_Z(z / T) - 784 log T + log|det dz/dx| with z = encode(x).
 
-    def __init__(self, model, params):
-        self.model, self.params = model, params
+    Support: the model's own. A logit flow lives on (-e, 1 + e)^784 with e = alpha / (1 - 2 alpha)
+    ~ 1e-6 (its decode can land a hair outside [0, 1]); NICE without preprocessing on R^784.
+    `log_prob` is -inf outside the support (never NaN) and refuses integer pixels (dequantize
+    or divide by 255 first). `sample` returns draws unclipped, and `sample_and_log_prob` their
+    exact log-density, read off the decode's own log-det (no second pass): clip for display."""
+
+    def __init__(self, model, params, temperature: float = 1.0):
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.model, self.params, self.temperature = model, params, float(temperature)
 
     @property
     def event_shape(self):
@@ -112,15 +123,28 @@ class FlowDistribution(distrax.Distribution):
             return jax.random.logistic(key, (n, *EVENT_SHAPE))
         return jax.random.normal(key, (n, *EVENT_SHAPE))
 
+    def _tempered_prior_log_prob(self, z) -> jax.Array:
+        t = self.temperature
+        return _jitted(self.model)["prior_log_prob"](self.params, z / t) - math.prod(EVENT_SHAPE) * math.log(t)
+
     def _sample_n(self, key, n: int) -> jax.Array:
         return self._sample_n_and_log_prob(key, n)[0]
 
     def _sample_n_and_log_prob(self, key, n: int):
-        """Samples clipped into [0, 1] and their log-density under the model (`log_prob`)."""
-        fns = _jitted(self.model)
-        x = jnp.clip(fns["forward"](self.params, self._prior_sample(key, n))[0], 0.0, 1.0)
-        return x, fns["log_prob"](self.params, x)
+        """Draws (unclipped) and the log-density of exactly those draws."""
+        z = self.temperature * self._prior_sample(key, n)
+        x, log_det = _jitted(self.model)["forward"](self.params, z)  # log|det dx/dz|
+        return x, self._tempered_prior_log_prob(z) - log_det
 
     def log_prob(self, value) -> jax.Array:
-        """log p(x) in nats, shape value.shape[:-3]."""
-        return _jitted(self.model)["log_prob"](self.params, _check_event(value, "value"))
+        """log p(x) in nats, shape value.shape[:-3]; -inf outside the support."""
+        value = _check_event(value, "value")
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"log_prob takes images in [0, 1] as floats, got dtype {value.dtype}: dequantize "
+                             "integer pixels ((p + u) / 256) or divide by 255 first")
+        if self.temperature == 1.0:
+            out = _jitted(self.model)["log_prob"](self.params, value)
+        else:
+            z, log_det = _jitted(self.model)["inverse"](self.params, value)
+            out = self._tempered_prior_log_prob(z) + log_det
+        return jnp.where(jnp.isnan(out), -jnp.inf, out)

@@ -44,6 +44,7 @@ class MultiScaleFlow(nn.Module):
 
     prior: str = "normal"
     CHOICES: ClassVar[dict] = {}  # allowed values of str config keys
+    RANGES: ClassVar[dict] = {"levels_count": (1, 2)}  # (low, high) of int keys other than ">= 1"
 
     def setup(self):
         self.preprocess, self.levels, self.kept_channels, self.shapes = self.build()
