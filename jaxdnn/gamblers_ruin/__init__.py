@@ -42,8 +42,8 @@ the chunk size or the number of devices. The modules, one concern each:
   `jax.shard_map` and combined on the host in float64 (`Estimate`, `default_chunk_size`);
 - `adapt`: `adapt_q`, cross-entropy or SGD adaptation of a constant q when the DP is too large.
 
-Speed on a 2-core CPU at the course's parameters (q = 0.55): about 6e6 paths/s, some 3000x the
-course-style Python loop and 50x vectorized NumPy (benchmarks/peers/gamblers_ruin_*.py).
+Speed: `python -m benchmarks --only gamblers_ruin` measures it against the course-style Python
+loop and vectorized NumPy in the same run (docs/performance.md).
 """
 
 from jaxdnn.gamblers_ruin.adapt import AdaptResult, adapt_q
@@ -60,10 +60,11 @@ from jaxdnn.gamblers_ruin.exact import (
     tilt,
     validate,
 )
-from jaxdnn.gamblers_ruin.streaming import Estimate, default_chunk_size, estimate
+from jaxdnn.gamblers_ruin.streaming import PROPOSALS, Estimate, default_chunk_size, estimate, proposal_by_name
 
 __all__ = [
     "COURSE",
+    "PROPOSALS",
     "TILE",
     "AdaptResult",
     "Estimate",
@@ -73,6 +74,7 @@ __all__ = [
     "default_chunk_size",
     "estimate",
     "exact_probability",
+    "proposal_by_name",
     "quantize",
     "relative_error_per_path",
     "second_moment",

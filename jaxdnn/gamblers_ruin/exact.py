@@ -81,7 +81,8 @@ class Tilt(NamedTuple):
         """int32 k = round(q(t, x) 2^bits), halves up, clipped in integers (cheap in the
         simulation's inner loop; the exact DP uses the same k)."""
         half = float(1 << (bits - 1))
-        kf = half + jnp.asarray(self.target - x, jnp.float32) * (half / (self.games - t))
+        steps_left = jnp.asarray(self.games - t, jnp.float32)  # float32 also under enable_x64
+        kf = half + jnp.asarray(self.target - x, jnp.float32) * (half / steps_left)
         k = jnp.floor(kf + 0.5).astype(jnp.int32)
         full = 1 << bits
         k_lo = min(max(round(self.lo * full), 1), full - 1)

@@ -1,6 +1,11 @@
-"""The simulation kernels: n_tiles * TILE paths in, one float32 log-weight per path out
-(-inf for a path that misses the target). Both are hashable NamedTuples of static
-configuration, so a kernel is a jit and cache key; the traced parameters come separately.
+"""The simulation kernels: n_tiles * TILE paths in, one float64 log-weight per path out
+(-inf for a path that misses the target). Weights are float64 from their constants on: the
+estimator's expectation with the factors the kernel really multiplies equals the probability to
+~1e-13 (float32 factors carried a systematic relative error of ~2e-6 per winning path, one
+standard error of the state tilt near 1.3e11 paths; tests/test_gamblers_ruin.py runs that
+expectation by dynamic programming). The kernels are traced under `jax.enable_x64` (streaming).
+Both are hashable NamedTuples of static configuration, so a kernel is a jit and cache key; the
+traced parameters come separately.
 
 - `ConstantKernel` (constant q). Balance and games played are packed in one int16,
   x + 2^k * (steps this block), so a block of 64 games is one fused integer loop with a single
@@ -11,7 +16,8 @@ configuration, so a kernel is a jit and cache key; the traced parameters come se
   otherwise recompute the hash). `constant_params` gives its parameters and the float64
   log-weight offset added on the host.
 - `StateKernel` (state-dependent q(t, x)): every game draws `bits` bits (8: four games per word)
-  compared with k(t, x) = round(q(t, x) 2^bits), and log W accumulates per game.
+  compared with k(t, x) = round(q(t, x) 2^bits); the likelihood ratio's denominators are
+  multiplied as exact integers, its numerators come from the win and loss counts.
 """
 
 from __future__ import annotations
@@ -131,20 +137,20 @@ class ConstantKernel(NamedTuple):
         wins0 = jnp.zeros((), jnp.int32) if self.stopped else zeros
         ms0 = jnp.zeros((self.masks, n_tiles, TILE // 2), jnp.uint32)
         st0 = jnp.full((n_tiles, TILE), self.start, dt)
-        _, st, n, wins, _ = lax.while_loop(cond, body, (-1, st0, zeros, wins0, ms0))
+        _, st, n, wins, _ = lax.while_loop(cond, body, (jnp.int32(-1), st0, zeros, wins0, ms0))
         x, n = unpack(st, n)
         return x.astype(jnp.int32), n, wins
 
     def log_weights(self, key, tile0, n_tiles, params):
-        """(n_tiles, TILE) float32 log W - offset of paths reaching target, -inf otherwise.
+        """(n_tiles, TILE) float64 log W - offset of paths reaching target, -inf otherwise.
 
         params = (planes, slope): log W = offset + a * slope with a = (n - d) / 2 (stopped)
-        or a = wins - games // 2 (all games); offset is added on the host in float64.
+        or a = wins - games // 2 (all games), slope float64; offset is added on the host.
         """
         planes, slope = params
         x, n, wins = self.walk_lanes(key, tile0, n_tiles, planes)
         a = (n - (self.target - self.start)) // 2 if self.stopped else wins - self.games // 2
-        return jnp.where(x == self.target, a.astype(jnp.float32) * slope, -jnp.inf)
+        return jnp.where(x == self.target, a.astype(jnp.float64) * slope, -jnp.inf)
 
 
 def constant_params(q, p, bits, start, target, games, stopped):
@@ -158,7 +164,29 @@ def constant_params(q, p, bits, start, target, games, stopped):
         h = games // 2
         slope = math.log(p * (1 - qr) / (qr * (1 - p)))
         offset = h * math.log(p / qr) + (games - h) * math.log((1 - p) / (1 - qr))
-    return (k_planes(k, bits), np.float32(slope)), offset, qr
+    return (k_planes(k, bits), np.float64(slope)), offset, qr
+
+
+def state_params(p: float, bits: int) -> tuple[np.float64, np.float64]:
+    """The traced parameters of `StateKernel`: the win and loss numerators p 2^bits and
+    (1 - p) 2^bits of the likelihood-ratio factors, float64."""
+    s = float(1 << bits)
+    return np.float64(p * s), np.float64((1 - p) * s)
+
+
+def state_factors(params, k, bits: int):
+    """The factors `StateKernel` multiplies for a game played with win probability k / 2^bits:
+    (p 2^bits / k for a win, (1 - p) 2^bits / (2^bits - k) for a loss), in the dtype of params."""
+    num_win, num_loss = params
+    return num_win / k.astype(num_win.dtype), num_loss / ((1 << bits) - k).astype(num_loss.dtype)
+
+
+def _split_exponent(v):
+    """float32 v > 0 (normal) -> (m, e) with v = m 2^e exactly, m in [1, 2), e int32 (bit operations)."""
+    bits = lax.bitcast_convert_type(v, jnp.uint32)
+    e = ((bits >> 23) & 0xFF).astype(jnp.int32) - 127
+    m = lax.bitcast_convert_type((bits & jnp.uint32((1 << 23) - 1)) | jnp.uint32(127 << 23), jnp.float32)
+    return m, e
 
 
 class StateKernel(NamedTuple):
@@ -171,49 +199,75 @@ class StateKernel(NamedTuple):
     proposal: Callable
 
     def log_weights(self, key, tile0, n_tiles, params):
-        """(n_tiles, TILE) float32 log W of paths reaching target, -inf otherwise.
+        """(n_tiles, TILE) float64 log W of paths reaching target, -inf otherwise.
 
-        params = (p 2^bits, (1 - p) 2^bits) as float32: the win / loss numerators of W.
+        params = `state_params(p, bits)`. W = prod over games of `state_factors`, computed as
+        the numerators (p 2^bits)^wins ((1 - p) 2^bits)^losses from the counts (float64, at the
+        end) over the product of the integer denominators k or 2^bits - k: exact in float32
+        over 3 games of 8 bits (1 of 16), scaled by an exact power of two and multiplied into a
+        float32 mantissa (one round-to-nearest per multiplication: mean-zero, no systematic
+        error) whose exponent moves into an int32 at each block of 16 games.
+
+        Layout, for speed: the balance and the games played while alive share one int32,
+        st = x + xb n (xb = 2^bitlen(target)); a path alive at game t has n = t, so
+        0 < x < target <=> xb t < st < xb t + target. A block's outputs are st and the
+        mantissa (each output of the block's fusion recomputes the walk, so there are two).
         """
-        num_win, num_loss = params
-        b = self.bits
+        b, xb = self.bits, 1 << int(self.target).bit_length()
         per_word, full = 32 // b, 1 << b
         block = 16
         nwords = block // per_word
         nblocks = -(-self.games // block)
+        per_exact = 3 if b == 8 else 1  # denominators whose product float32 holds exactly (< 2^24)
+        # each multiplication's factor den 2^-s lies in [2^-s, 2^(b per_exact - s)]: 8 bits, 6 a
+        # block, s = 16: [2^-96, 2^48]; 16 bits, 8 between renormalizations, s = 8: [2^-64, 2^64]
+        scale_log2 = 16 if b == 8 else 8
+        renormalize = () if b == 8 else (block // 2 - 1,)  # games after which 16 bits split again
+        mults = [g for g in range(block) if g % per_exact == per_exact - 1 or g == block - 1]
         offsets = block_offsets(tile_keys(key, tile0, n_tiles), nblocks + 1, (nwords,))
         lanes = lane_weyl(TILE)
 
         def words(j):  # (nwords, n_tiles, TILE) uint32 uniform words
             return mix32(lanes[None] + jnp.swapaxes(offsets[j], 0, 1)[:, :, None])
 
-        def steps(x, acc, ws, t0, rem):  # the first `rem` games of the block starting at t0
-            prod = jnp.ones(x.shape, jnp.float32)
+        def steps(st, mant, ws, t0, rem):  # the first `rem` games of the block starting at t0
+            den, e_mid = jnp.ones(st.shape, jnp.float32), 0
             for g in range(block):
+                t = t0 + g
                 u = ((ws[g // per_word] >> (b * (g % per_word))) & (full - 1)).astype(jnp.int32)
-                k = proposal_k(self.proposal, t0 + g, x, b)
+                k = proposal_k(self.proposal, t, st - xb * t, b)
                 win = u < k
-                alive = (x > 0) & (x < jnp.where(g < rem, self.target, 0))
-                x = x + jnp.where(alive, jnp.where(win, 1, -1), 0)
-                f = jnp.where(win, num_win, num_loss) / jnp.where(win, k, full - k).astype(
-                    jnp.float32)
-                prod = prod * jnp.where(alive, f, 1.0)
-                if g % 8 == 7:  # 8 factors stay far from float32 limits
-                    acc, prod = acc + jnp.log(prod), jnp.ones_like(prod)
-            return x, acc
+                lo = xb * t
+                alive = (st > lo) & (st < jnp.where(g < rem, lo + self.target, lo))
+                st = st + jnp.where(alive, jnp.where(win, xb + 1, xb - 1), 0)
+                den = den * jnp.where(alive, jnp.where(win, k, full - k), 1).astype(jnp.float32)
+                if g in mults:
+                    mant, den = mant * (den * 2.0 ** -scale_log2), jnp.ones_like(den)
+                if g in renormalize:
+                    mant, e_mid = _split_exponent(mant)
+            return st, mant, e_mid
 
         def body(c):  # plays block j (none for j = -1) and draws the words of block j + 1
-            j, x, acc, ws = c
+            j, st, mant, expo, ws = c
+            m, e = _split_exponent(mant)  # exact: a power of two moves into the integer exponent
             rem = jnp.where(j < 0, 0, jnp.clip(self.games - j * block, 0, block))
-            x, acc = steps(x, acc, ws, j * block, rem)
-            return j + 1, x, acc, words(j + 1)
+            st, mant, e_mid = steps(st, m, ws, j * block, rem)
+            return j + 1, st, mant, expo + e + e_mid + scale_log2 * len(mults), words(j + 1)
 
         def cond(c):
-            j, x = c[0], c[1]
+            j, st = c[0], c[1]
+            x = st - xb * jnp.clip(j * block, 0, self.games)  # games played so far
             return (j < nblocks) & jnp.any((x > 0) & (x < self.target))
 
-        x0 = jnp.full((n_tiles, TILE), self.start, jnp.int32)
-        acc0 = jnp.zeros((n_tiles, TILE), jnp.float32)
+        st0 = jnp.full((n_tiles, TILE), self.start, jnp.int32)
+        mant0 = jnp.ones((n_tiles, TILE), jnp.float32)
         ws0 = jnp.zeros((nwords, n_tiles, TILE), jnp.uint32)
-        _, x, acc, _ = lax.while_loop(cond, body, (-1, x0, acc0, ws0))
-        return jnp.where(x == self.target, acc, -jnp.inf)
+        expo0 = jnp.zeros((n_tiles, TILE), jnp.int32)
+        _, st, mant, expo, _ = lax.while_loop(cond, body, (jnp.int32(-1), st0, mant0, expo0, ws0))
+        n = st >> (xb.bit_length() - 1)
+        x = st & (xb - 1)
+        wins = (x - self.start + n) // 2  # wins - losses = x - start, wins + losses = n
+        log_num = wins * jnp.log(params[0]) + (n - wins) * jnp.log(params[1])
+        m, e = _split_exponent(mant)
+        log_den = jnp.log(m.astype(jnp.float64)) + (expo + e) * math.log(2.0)  # the product, m 2^(expo + e)
+        return jnp.where(x == self.target, log_num - log_den, -jnp.inf)

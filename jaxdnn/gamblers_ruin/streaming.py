@@ -23,12 +23,21 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxdnn.distributed import gather
 from jaxdnn.gamblers_ruin.bits import TILE
-from jaxdnn.gamblers_ruin.exact import check_integer, validate
+from jaxdnn.gamblers_ruin.exact import (
+    best_constant_q,
+    check_integer,
+    check_probability,
+    exact_probability,
+    straight_line_q,
+    tilt,
+    validate,
+)
 from jaxdnn.gamblers_ruin.kernels import (
     CPU_COMPILER_OPTIONS,
     ConstantKernel,
     StateKernel,
     constant_params,
+    state_params,
 )
 
 _AXIS = "paths"
@@ -36,11 +45,11 @@ _MAX_CHUNKS = 128  # chunks per device per program call (the output buffer is (d
 
 
 def _chunk_stats(lr, valid):
-    """(4,) float32 (m, sum exp(lr - m), sum exp(2 (lr - m)), hits), m = max valid lr."""
+    """(4,) float64 (m, sum exp(lr - m), sum exp(2 (lr - m)), hits), m = max valid lr."""
     lr = jnp.where(valid, lr, -jnp.inf)
     m = jnp.max(lr)
     e = jnp.exp(lr - jnp.where(jnp.isfinite(m), m, 0.0))
-    hits = jnp.sum(jnp.isfinite(lr).astype(jnp.float32))
+    hits = jnp.sum(jnp.isfinite(lr).astype(lr.dtype))
     return jnp.stack([m, jnp.sum(jnp.sum(e, 1)), jnp.sum(jnp.sum(e * e, 1)), hits])
 
 
@@ -55,7 +64,7 @@ def _device_program(key, c0, n_chunks, n_valid, params, *, kernel, tiles, ndev):
         lr = kernel.log_weights(key, (c0 + local) * tiles, tiles, params)
         return buf.at[i].set(_chunk_stats(lr, local * chunk + lane < n_valid))
 
-    buf = jnp.tile(jnp.array([-jnp.inf, 0.0, 0.0, 0.0], jnp.float32), (_MAX_CHUNKS, 1))
+    buf = jnp.tile(jnp.array([-jnp.inf, 0.0, 0.0, 0.0], jnp.float64), (_MAX_CHUNKS, 1))
     buf = lax.fori_loop(0, (n_chunks - d + ndev - 1) // ndev, body, buf)
     return buf[None]
 
@@ -116,13 +125,34 @@ def default_chunk_size(paths: int, platform: str | None = None) -> int:
     return min(size, -(-paths // TILE) * TILE)
 
 
+PROPOSALS = ("naive", "optimal", "state")
+
+
+def proposal_by_name(name: str, start=100, target=200, p=18 / 37, games=600, bits: int = 8):
+    """The proposal the command line calls `name`: "naive" -> p, "optimal" -> the best constant
+    q on the k / 2^bits grid (exact DP), "state" -> `tilt(target, p, games)`."""
+    if name == "naive":
+        return p
+    if name == "optimal":
+        if exact_probability(start, target, p, games) == 0:
+            return straight_line_q(start, target, p, games)
+        return best_constant_q(start, target, p, games, bits=bits)[0]
+    if name == "state":
+        return tilt(target, p, games)
+    hint = "; a constant proposal is its q, a number" if name == "constant" else ""
+    raise ValueError(f"proposal must be a number q, a callable q(t, x) or one of {', '.join(PROPOSALS)}; "
+                     f"got {name!r}{hint}")
+
+
 def estimate(key, paths: int, proposal=0.55, *, start=100, target=200, p=18 / 37, games=600,
              stopped: bool = True, bits: int = 8, chunk_size: int | None = None,
              devices: Sequence | None = None) -> Estimate:
     """Importance-sampling estimate of P(reach target) from `paths` simulated paths.
 
     key: a `jax.random.key`. proposal: a constant win probability q (q = p is plain Monte
-    Carlo), or a hashable callable q(t, x) such as `tilt(...)`. stopped: weight the games
+    Carlo), a hashable callable q(t, x) such as `tilt(...)`, or a name as the command line
+    takes it: "naive" (q = p), "optimal" (the best constant q on the bits grid, by the exact
+    DP: `best_constant_q`) or "state" (`tilt` of this problem). stopped: weight the games
     until absorption (True, lower variance) or all games (constant q only). bits: q is rounded
     to k / 2^bits (constant: 1..24; state: 8 or 16) and the weights use the rounded q, so the
     estimate is unbiased. chunk_size: paths per chunk (a multiple of TILE; memory is
@@ -133,14 +163,17 @@ def estimate(key, paths: int, proposal=0.55, *, start=100, target=200, p=18 / 37
     paths = check_integer("paths", paths)
     if paths < 1:
         raise ValueError(f"paths must be >= 1, got {paths}")
+    if isinstance(proposal, str):
+        proposal = proposal_by_name(proposal, start, target, p, games, bits)
+    elif not callable(proposal):
+        proposal = check_probability("proposal", proposal)
     if callable(proposal):
         if not stopped:
             raise ValueError("stopped=False is only implemented for a constant q")
         if bits not in (8, 16):
             raise ValueError(f"bits must be 8 or 16 for a state-dependent proposal, got {bits}")
         kernel = StateKernel(start, target, games, bits, proposal)
-        s = float(1 << bits)
-        params, offset = (np.float32(p * s), np.float32((1 - p) * s)), 0.0
+        params, offset = state_params(p, bits), 0.0
     else:
         params, offset, _ = constant_params(proposal, p, bits, start, target, games, stopped)
         kernel = ConstantKernel.make(start, target, games, bits, stopped)
@@ -154,11 +187,13 @@ def estimate(key, paths: int, proposal=0.55, *, start=100, target=200, p=18 / 37
     per_call = min(_MAX_CHUNKS * len(devices), (2**31 - 1) // chunk)  # int32 path indices
     if per_call < 1:
         raise ValueError(f"chunk_size must be < 2^31, got {chunk}")
-    program = _program(kernel, tiles, devices)
     n_chunks = -(-paths // chunk)
     outs = []
-    for c0 in range(0, n_chunks, per_call):  # async dispatch: calls queue up on the devices
-        k = min(per_call, n_chunks - c0)
-        outs.append(program(key, np.int32(c0), np.int32(k),
-                            np.int32(min(paths - c0 * chunk, k * chunk)), params))
-    return _summarize(np.concatenate([gather(o) for o in outs]), offset, paths)  # spans processes: gather
+    with jax.enable_x64(True):  # float64 weights (kernels); the walks stay int16/int32
+        program = _program(kernel, tiles, devices)
+        for c0 in range(0, n_chunks, per_call):  # async dispatch: calls queue up on the devices
+            k = min(per_call, n_chunks - c0)
+            outs.append(program(key, np.int32(c0), np.int32(k),
+                                np.int32(min(paths - c0 * chunk, k * chunk)), params))
+        rows = np.concatenate([gather(o) for o in outs])  # spans processes: gather
+    return _summarize(rows, offset, paths)
