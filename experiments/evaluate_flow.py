@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -64,8 +63,7 @@ def main(argv=None) -> int:
     if not distributed.is_main():
         return 0
     model, params = pretrained.load(args.model)
-    name = Path(args.model).stem if Path(args.model).suffix else Path(args.model).name
-    grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{name}.png")
+    grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{pretrained.short_name(args.model)}.png")
     result["seconds"] = round(time.time() - t0, 1)
     if args.json:
         print_json(result)

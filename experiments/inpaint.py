@@ -92,8 +92,9 @@ def choice_list(choices):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="realnvp", choices=pretrained.available(),
-                   help="shipped flow (default realnvp)")
+    p.add_argument("--model", default="realnvp", metavar="SOURCE",
+                   help=f"a shipped flow ({', '.join(pretrained.available())}; default realnvp), an exported "
+                        ".msgpack or a training workdir")
     p.add_argument("--mask", default=["hw10"], type=choice_list(ip.MASKS), metavar="NAME[,NAME...]",
                    help=f"missing region(s) from {', '.join(ip.MASKS)} (default hw10: rows 5..11, cols 5..19)")
     p.add_argument("--images", type=parse_range, default=(0, 10), metavar="START:STOP",
@@ -121,6 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seed must be >= 0, got {a.seed}")
     if a.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {a.batch_size}")
+    try:
+        pretrained.card(a.model)
+    except ValueError as e:
+        p.error(f"--model: {e}")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out!r} exists and is not a directory")
@@ -191,7 +196,7 @@ def _main(argv) -> int:
             continue  # process 0 (the first images) draws the figure
         knn = np.asarray(ip.masked_psnr(arrays["knn_mean"], arrays["original"], arrays["masks"]))
         rows.append(("knn_mean", arrays["knn_mean"], knn))
-        path = Path(a.out) / f"inpaint_{a.model}_{mask}.png"
+        path = Path(a.out) / f"inpaint_{pretrained.short_name(a.model)}_{mask}.png"
         title = (f"{a.model}, mask {mask} (missing pixels grey in 'observed'), test images "
                  f"{start}..{min(hi, start + FIGURE_COLUMNS) - 1}; PSNR over the missing pixels")
         try:

@@ -54,9 +54,14 @@ def _setting(value, name: str, cast):
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-               init_timeout: float | None = None, cluster: str | None = None) -> bool:
+               init_timeout: float | None = None, cluster: str | None = None, *,
+               native_stdout_to_stderr: bool = False) -> bool:
     """Starts the multi-process runtime when a coordinator (argument or environment) or
-    `cluster="auto"` is given; returns whether it did. Raises ValueError for bad values."""
+    `cluster="auto"` is given; returns whether it did. Raises ValueError for bad values.
+    `native_stdout_to_stderr` (the CLIs ask for it, so `--json` stays one object on stdout)
+    sends what native code prints on file descriptor 1 to stderr for the rest of the process.
+    A peer that never joins ends the process with exit status 1 after `init_timeout` (JAX
+    would abort with a core dump)."""
     coordinator = _setting(coordinator, "coordinator", str)
     num_processes = _setting(num_processes, "num_processes", int)
     process_id = _setting(process_id, "process_id", int)
@@ -86,7 +91,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         sys.stderr.flush()
         os._exit(1)
 
-    _native_output_to_stderr()
+    if native_stdout_to_stderr:
+        _native_output_to_stderr()
     watchdog = threading.Timer(timeout, give_up)
     watchdog.daemon = True
     watchdog.start()
@@ -115,7 +121,8 @@ def _native_output_to_stderr() -> None:
 def initialize_from_args(args: argparse.Namespace, prog: str) -> bool:
     """`initialize` from the flags of `add_arguments`; a bad value exits 2 with one line."""
     try:
-        return initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout, args.cluster)
+        return initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout, args.cluster,
+                          native_stdout_to_stderr=True)
     except (ValueError, RuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

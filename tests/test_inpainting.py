@@ -479,3 +479,28 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
         assert np.isfinite(v)
     assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("annealed", "langevin") else m
+                                    for m in ip.METHODS] + ["latent_with_reference", "baselines"])
+def test_the_missing_pixels_of_the_input_never_leak_into_the_output(flow_runs, method):
+    """Whatever the input holds at its missing pixels, every method's output is bit-identical:
+    no method reads the pixels it is asked to fill."""
+    x, mask, keys = flow_runs["x"], flow_runs["mask"], flow_runs["keys"]
+    noise = jax.random.uniform(jax.random.key(9), x.shape)
+    leaked = jnp.where(mask, x, noise)  # the same observed pixels, other missing ones
+    if method == "baselines":
+        train = jnp.asarray(to_unit_interval(synthetic_pixels(7, 20)))
+        for fill in (lambda v: ip.mean_fill(v, mask, ip.pixel_mean(train)),
+                     lambda v: ip.nearest_neighbor(v, mask, train)[0], lambda v: ip.knn_mean(v, mask, train, k=3)):
+            np.testing.assert_array_equal(fill(x), fill(leaked))
+        return
+    if method == "latent_with_reference":
+        reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
+        run = lambda v: ip.inpaint(flow_runs["flow"], v, mask, None, method="latent", steps=FLOW_STEPS, starts=2,
+                                   reference=reference)
+        np.testing.assert_array_equal(run(x), run(leaked))
+        return
+    again = ip.inpaint(flow_runs["flow"], leaked, mask, keys, method=method, steps=FLOW_STEPS,
+                       **FLOW_OPTIONS.get(method, {}))
+    np.testing.assert_array_equal(again, flow_runs["runs"][method].images)

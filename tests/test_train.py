@@ -303,3 +303,18 @@ def test_importance_weighted_bpd_tightens_with_more_samples():
         gain = previous - bpd
         assert gain.mean() > 3 * gain.std(ddof=1) / math.sqrt(len(gain)), (k, gain.mean())
         previous = bpd
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_one_image_evaluates_on_four_devices(tmp_path):
+    """A batch smaller than the device count is padded, not dropped: `evaluate_flow --limit 1` on
+    four host devices gives that image's bits/dim, as one device does."""
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags + " --xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate_flow", "--model", "nice", "--limit", "1",
+                          "--json", "--out", str(tmp_path)], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert got["images"] == 1
+    assert got["bpd"] == pytest.approx(pretrained.test_bpd("nice", limit=1)["bpd"], rel=1e-5)

@@ -126,10 +126,13 @@ def batch_masks(name: str, indices, key: jax.Array | None = None,
 
 
 def masked_mse(images, targets, masks) -> jax.Array:
-    """Per-image mean squared error over the missing pixels (mask False), shape (B,).
+    """Per-image mean squared error over the missing pixels (mask False), shape (B,); images and
+    targets float in [0, 1] of one shape (`check_images`; uint8 pixels are refused).
 
     An image with no missing pixel gives NaN."""
-    images, targets = jnp.asarray(images, jnp.float32), jnp.asarray(targets, jnp.float32)
+    images, targets = check_images(images, "images"), check_images(targets, "targets")
+    if images.shape != targets.shape:
+        raise ValueError(f"images and targets must have one shape, got {images.shape} and {targets.shape}")
     missing = jnp.broadcast_to(~jnp.asarray(masks, bool), images.shape)
     axes = tuple(range(images.ndim - 3, images.ndim))
     err = jnp.where(missing, (images - targets) ** 2, 0.0).sum(axes)

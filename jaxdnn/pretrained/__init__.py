@@ -51,6 +51,12 @@ def _kind(source: str | os.PathLike) -> tuple[str, Path]:
                      f"weights file (<name>.msgpack with its .json card) nor a training workdir (with config.json)")
 
 
+def short_name(source: str | os.PathLike) -> str:
+    """A name for files and titles: the shipped name, the weights file's stem or the workdir's name."""
+    kind, path = _kind(source)
+    return path.name if kind == "workdir" else path.stem
+
+
 def card(source: str | os.PathLike) -> dict:
     """The card of `source`; for a workdir, its config with "steps" of its latest checkpoint."""
     kind, path = _kind(source)
