@@ -30,3 +30,19 @@ def test_nothing_cites_files_outside_the_repository():
     assert len(files) > 20
     offenders = [str(p.relative_to(ROOT)) for p in files if re.search(r"MISSION\.md|DESIGN\.md", p.read_text())]
     assert not offenders, offenders
+
+
+def test_every_function_the_doc_names_exists():
+    """On each line that names source files, every plain `identifier` is defined in one of them
+    (a def, a class, an assignment or a quoted method name): a renamed function fails here."""
+    missing = []
+    for line in DOC.read_text().splitlines():
+        files = [ROOT / p for p in re.findall(r"`([^`\s]+\.py)(?:::[^`]*)?`", line) if p.startswith(TOP)]
+        if not files:
+            continue
+        text = "\n".join(f.read_text() for f in files if f.exists())
+        for name in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", line):
+            pattern = rf"\b(def|class)\s+{name}\b|^\s*{name}\s*[:=]|[\"']{name}[\"']"
+            if not re.search(pattern, text, re.MULTILINE):
+                missing.append(f"{name} ({', '.join(f.name for f in files)})")
+    assert not missing, missing
