@@ -1,4 +1,5 @@
-"""Train a flow on MNIST: `python -m experiments.train_flow --model realnvp [--config.K=V ...]`.
+"""Train a flow on MNIST: `python -m experiments.train_flow --config experiments/configs/realnvp.py
+[--config.KEY=VALUE ...]` (or `--model NAME` with the library's defaults).
 
 A thin CLI over `jaxdnn.trainer.train_and_evaluate`. Rerunning the same command resumes from the
 workdir's latest orbax checkpoint with the same data order and keys; `--coordinator ...` runs it
@@ -45,7 +46,9 @@ def plot_curve(log_path: Path, out: Path, title: str) -> None:
 def main(argv=None) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__, epilog=config_help(),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=sorted(MODELS))
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="a recipe, experiments/configs/<model>.py (get_config()); --config.KEY=VALUE overrides it")
+    parser.add_argument("--model", default=None, choices=sorted(MODELS), help="the model (or the --config file's)")
     parser.add_argument("--workdir", default=None, help="default runs/<model>")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
@@ -62,6 +65,17 @@ def main(argv=None) -> int:
     distributed.add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, PROG)
+    if args.config is not None:
+        try:
+            recipe = load_config_file(args.config)
+        except (OSError, ValueError, AttributeError, SyntaxError) as e:
+            fail(PROG, f"--config {args.config}: {e}")
+        model = recipe.pop("model", None)
+        if args.model is not None and model != args.model:
+            fail(PROG, f"--model {args.model} but --config {args.config} is a {model} recipe")
+        args.model, overrides = model, {**recipe, **overrides}
+    if args.model not in MODELS:
+        fail(PROG, f"give --model ({', '.join(sorted(MODELS))}) or --config FILE")
     if args.stop_after is not None and args.stop_after < 1:
         fail(PROG, f"--stop-after must be >= 1, got {args.stop_after}")
     if (args.export_dir or args.ship) and not args.export:
@@ -89,6 +103,19 @@ def main(argv=None) -> int:
         plot_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png", f"{args.model} on MNIST")
         print(json.dumps(final))
     return 0
+
+
+def load_config_file(path: str) -> dict:
+    """The flat dict of `get_config()` in the Python file `path` (experiments/configs/*.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_jaxdnn_config_{Path(path).stem}", path)
+    if spec is None or not Path(path).is_file():
+        raise OSError("no such config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    return dict(config.to_dict() if hasattr(config, "to_dict") else config)
 
 
 def config_help() -> str:

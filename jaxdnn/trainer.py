@@ -112,6 +112,16 @@ def default_config(model: str, init_from: str | None = None, **overrides) -> dic
             "init_from": None if init_from is None else str(init_from), "init_step": init_step}
 
 
+def config_dict(model: str, **overrides):
+    """`default_config(model, **overrides)` as one flat `ml_collections.ConfigDict` (model and
+    training keys side by side, "model" naming the model): what `experiments/configs/*.py`'s
+    `get_config()` returns and `--config.KEY=VALUE` overrides."""
+    import ml_collections
+
+    config = default_config(model, **overrides)
+    return ml_collections.ConfigDict({"model": model, **config["model_config"], **config["train_config"]})
+
+
 def check_run_config(config: dict) -> dict:
     """`config` completed and checked like `default_config` (a dict from Python or a config.json)."""
     unknown = sorted(set(config) - set(RUN_KEYS))
@@ -211,6 +221,7 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
         print(f"{config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"{'at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
               f"process(es), {mesh.size} x {jax.devices()[0].platform}", file=sys.stderr)
+    writer = _tensorboard(workdir) if is_main() else None
     step_fn = train.make_train_step(model, optimizer, cfg["ema"])
     schedule = train.learning_rate(cfg["lr"], cfg["steps"], cfg["warmup"], config["init_step"])
     manager = checkpoint_manager(workdir)
@@ -247,12 +258,17 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
                    round(images_since / max(now - t_last, 1e-9), 1), "skipped": train.skipped_updates(state)[0]}
             wall, t_last, images_since = wall + now - t_last, now, 0
             row["wall_seconds"] = round(wall, 1)
-            if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
+            evaluated = done % cfg["eval_every"] == 0 or done == cfg["steps"]
+            if evaluated:  # every process takes part (the state spans them); process 0 writes
                 row.update(_validate(model, state, validation, keys["eval"], mesh, cfg["ema"] > 0))
-                t_last = time.time()  # evaluation time is not training wall time
+                grid = _sample_grid(model, state.ema_params, keys["eval"])
             if is_main():
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                _write_scalars(writer, row)
+                if evaluated:
+                    writer.add_image("samples/temperature_0.7", grid, done, dataformats="HW")
+            t_last = time.time() if evaluated else t_last  # evaluation time is not training wall time
             shown = {"val": f"{row['val_bpd']:.3f}"} if "val_bpd" in row else {}
             bar.set_postfix(bpd=f"{row['train_bpd']:.3f}", **shown)
             streak = train.skipped_updates(state)[1]
@@ -263,6 +279,8 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
+        if writer is not None:
+            writer.close()
     wall += time.time() - t_last
     save(manager, state, {"wall_seconds": wall})
     manager.close()
@@ -279,6 +297,32 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
     if is_main():
         (workdir / "final.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def _tensorboard(workdir: Path):
+    """A TensorBoard writer (tensorboardX, no TensorFlow) into WORKDIR/tensorboard:
+    `tensorboard --logdir runs/` shows every run under runs/."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
+
+
+TENSORBOARD_TAGS = {"train_bpd": "train/bits_per_dim", "grad_norm": "train/grad_norm", "lr": "train/learning_rate",
+                    "images_per_second": "train/images_per_second", "val_bpd": "validation/bits_per_dim",
+                    "val_bpd_raw": "validation/bits_per_dim_raw_weights"}
+
+
+def _write_scalars(writer, row: dict) -> None:
+    for key, tag in TENSORBOARD_TAGS.items():
+        if key in row:
+            writer.add_scalar(tag, row[key], row["step"])
+
+
+def _sample_grid(model, params, key, n: int = 16, temperature: float = 0.7) -> np.ndarray:
+    """A (4 * 28, 4 * 28) grid of samples at `temperature`, clipped to [0, 1] for display."""
+    x = np.asarray(jax.jit(lambda p, k: model.apply(p, k, n, temperature, method=model.sample))(params, key))
+    side = int(np.sqrt(n))
+    return np.clip(x[:, :, :, 0].reshape(side, side, 28, 28).transpose(0, 2, 1, 3).reshape(side * 28, -1), 0, 1)
 
 
 def _validate(model, state: train.TrainState, images: np.ndarray, key, mesh, averaged: bool) -> dict:

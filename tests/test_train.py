@@ -53,8 +53,9 @@ def test_non_finite_update_is_skipped_and_counted():
 
 
 def _command(workdir, *extra):
-    return [sys.executable, "-m", "experiments.train_flow", "--model", "nice", "--workdir", str(workdir), "--quiet",
-            *TINY, "--config.steps=6", *extra]
+    """The tiny NICE run: the recipe file with --config.KEY=VALUE overrides."""
+    return [sys.executable, "-m", "experiments.train_flow", "--config", "experiments/configs/nice.py", "--workdir",
+            str(workdir), "--quiet", *TINY, "--config.steps=6", *extra]
 
 
 def _metrics(workdir):
@@ -150,13 +151,26 @@ def test_pretrained_model_reproduces_its_card(name):
     ("--init-from=glow", "is a glow, not a nice"),
 ])
 def test_bad_configs_exit_2_with_one_line(flag, match, tmp_path, capsys):
+    """Bad values, types, keys and sources, given with --model or over a recipe file."""
     from experiments import train_flow
 
-    with pytest.raises(SystemExit) as exit_:
-        train_flow.main(["--model", "nice", flag, "--workdir", str(tmp_path / "run")])
-    stderr = capsys.readouterr().err
-    assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1 and match in stderr, stderr
-    assert not (tmp_path / "run").exists()  # nothing written
+    for head in (["--model", "nice"], ["--config", "experiments/configs/nice.py"]):
+        with pytest.raises(SystemExit) as exit_:
+            train_flow.main([*head, flag, "--workdir", str(tmp_path / "run")])
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1 and match in stderr, stderr
+        assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", ["nice", "realnvp", "glow"])
+def test_recipe_files_are_complete_checked_configs(name):
+    from experiments import train_flow
+    from jaxdnn import trainer
+
+    recipe = train_flow.load_config_file(f"experiments/configs/{name}.py")
+    assert recipe.pop("model") == name
+    config = trainer.default_config(name, **recipe)
+    assert {**config["model_config"], **config["train_config"]} == recipe  # every key, nothing unknown
 
 
 def test_ema_decay_forgets_the_start_then_settles():
@@ -205,8 +219,9 @@ def test_default_config_is_complete_and_checked():
 
 
 @pytest.mark.mnist
-def test_the_trainer_reads_no_test_image(tmp_path, monkeypatch):
-    """Training, its periodic and final evaluations read the training and validation splits only."""
+def test_the_trainer_reads_no_test_image_and_writes_tensorboard(tmp_path, monkeypatch):
+    """Training, its periodic and final evaluations read the training and validation splits only;
+    process 0 writes the logged scalars and sample grids as TensorBoard events."""
     from jaxdnn import data, trainer
 
     read = []
@@ -225,6 +240,12 @@ def test_the_trainer_reads_no_test_image(tmp_path, monkeypatch):
     assert sorted(set(read)) == ["train", "validation"] and "test_bpd" not in final and np.isfinite(final["val_bpd"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_bpd" in rows[1] and "val_bpd_raw" in rows[1] and not any("test_bpd" in r for r in rows)
+    # TensorBoard: the same scalars, and a sample grid at each evaluation
+    board = read_tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in board["train/bits_per_dim"]] == [1, 2, 3]
+    assert [v for _, v in board["validation/bits_per_dim"]] == pytest.approx([r["val_bpd"] for r in rows[1:]])
+    assert {"train/learning_rate", "train/grad_norm", "train/images_per_second"} <= set(board)
+    assert [h for _, h in board["samples/temperature_0.7"]] == [4 * 28, 4 * 28]
 
 
 @pytest.mark.slow
@@ -318,3 +339,25 @@ def test_one_image_evaluates_on_four_devices(tmp_path):
     got = json.loads(out.stdout)
     assert got["images"] == 1
     assert got["bpd"] == pytest.approx(pretrained.test_bpd("nice", limit=1)["bpd"], rel=1e-5)
+
+
+def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of every event file under `logdir`, read from the TFRecord framing
+    (length, its CRC, the Event proto, its CRC) with tensorboardX's own protobuf classes."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (length,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                elif value.HasField("image"):
+                    out.setdefault(value.tag, []).append((event.step, value.image.height))
+    return out
