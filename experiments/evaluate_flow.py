@@ -7,6 +7,7 @@ process (`--coordinator ...`), process 0 reports."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=1, metavar="K",
                         help="importance samples (dequantizations) per image; 1: the usual bound (default)")
     parser.add_argument("--limit", type=int, default=None, help="first N images of the split (default all)")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.7, 1.0], metavar="T",
+                        help="sample grids at these prior temperatures (default 0.7 1.0)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", default="results")
     distributed.add_arguments(parser)
@@ -50,6 +53,8 @@ def main(argv=None) -> int:
         fail(prog, f"--limit must be in 1..{size}, got {args.limit}")
     if args.samples < 1:
         fail(prog, f"--samples must be >= 1, got {args.samples}")
+    if not all(math.isfinite(t) and t > 0 for t in args.temperature):
+        fail(prog, f"--temperature must be > 0, got {args.temperature}")
     try:
         pretrained.card(args.model)
     except ValueError as e:
@@ -63,7 +68,8 @@ def main(argv=None) -> int:
     if not distributed.is_main():
         return 0
     model, params = pretrained.load(args.model)
-    grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{pretrained.short_name(args.model)}.png")
+    grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{pretrained.short_name(args.model)}.png",
+                       tuple(args.temperature))
     result["seconds"] = round(time.time() - t0, 1)
     if args.json:
         print_json(result)

@@ -1,13 +1,23 @@
-"""jaxdnn: pure-JAX research code for flows, gradient estimators, projected gradients and IS.
+"""jaxdnn: JAX research code for the mathematics of deep networks, as pure functions.
 
-Importing jaxdnn appends one XLA:CPU flag to XLA_FLAGS (see `XLA_CPU_FLAGS`): it routes CPU
-convolutions and reductions to XLA's own kernels instead of YNNPACK, which makes the flows'
-3x3 convolutions with their gradients about 3x faster and a RealNVP train step about 1.5x
-faster on x86 CPUs (measured with `python -m benchmarks`, README "Performance"). It only
-affects the CPU backend, is read when JAX starts its backend (import jaxdnn before running
-any JAX computation), and is skipped when XLA_FLAGS already sets it or JAXDNN_XLA_DEFAULTS=0.
-Only jaxlib versions known to have the flag get it (`XLA_CPU_FLAGS_JAXLIB`): XLA aborts on a
-flag it does not know.
+- `jaxdnn.flows`: NICE, RealNVP and Glow (Flax modules with exact log-determinants) and the
+  flow as a distrax Distribution/Bijector; `jaxdnn.pretrained`: shipped weights, `load(...)`.
+- `jaxdnn.inpainting`: filling missing pixels with a flow (pixel- and latent-space methods).
+- `jaxdnn.estimators`, `jaxdnn.vae`, `jaxdnn.sgd_tricks`: score-function and pathwise gradients.
+- `jaxdnn.projection`: projected gradient methods; `jaxdnn.gamblers_ruin`: importance sampling
+  against the exact dynamic program.
+- `jaxdnn.train` / `jaxdnn.trainer`: training a flow; `jaxdnn.data`: MNIST, checksummed.
+
+The derivations are in docs/problems.md; `python -m experiments.<name>` runs each problem.
+
+One side effect at import, on CPU only: jaxdnn appends `XLA_CPU_FLAGS` to XLA_FLAGS, which routes
+CPU convolutions and reductions to XLA's own kernels instead of YNNPACK. A RealNVP train step
+(batch 64) runs about 1.2x faster with it on this project's 2-core x86 VM (346 against 281
+images/s; compare `python -m benchmarks --only flow_train_step` with and without
+JAXDNN_XLA_DEFAULTS=0, docs/performance.md). It is read when JAX starts its backend (import
+jaxdnn before running any JAX computation) and skipped when XLA_FLAGS already sets it or
+JAXDNN_XLA_DEFAULTS=0. Only jaxlib versions known to have the flag get it
+(`XLA_CPU_FLAGS_JAXLIB`): XLA aborts on a flag it does not know.
 """
 
 import os

@@ -384,6 +384,10 @@ def test_masked_metrics_by_hand():
     # observed pixels do not count; a perfect fill reads 100 dB
     z = np.where(m, 0.0, y).astype(np.float32)
     np.testing.assert_allclose(ip.masked_psnr(z, y, m), 100.0)
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        ip.masked_psnr(x, (y * 255).astype(np.uint8), m)
+    with pytest.raises(ValueError, match="one shape"):
+        ip.masked_psnr(x, y[:2], m)
 
 
 def test_mean_fill_and_nearest_neighbor_against_brute_force():
@@ -504,3 +508,34 @@ def test_the_missing_pixels_of_the_input_never_leak_into_the_output(flow_runs, m
     again = ip.inpaint(flow_runs["flow"], leaked, mask, keys, method=method, steps=FLOW_STEPS,
                        **FLOW_OPTIONS.get(method, {}))
     np.testing.assert_array_equal(again, flow_runs["runs"][method].images)
+
+
+def test_posterior_samples_weights_and_intervals(flow_runs):
+    """K completions per image, each inside C; at temperature inf the weights are equal and the
+    mean is the `latent` method's fill; lower temperatures favour low energies; the 90%
+    interval holds the weighted mean's neighbourhood and widens with the level."""
+    flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
+    reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
+    post = ip.inpaint_posterior(flow, x, mask, reference=reference, starts=3, steps=FLOW_STEPS, temperature=np.inf)
+    chex.assert_shape((post.samples, post.weights, post.mean, post.std, post.ess, post.energy),
+                      ((N_FLOW, 3, 28, 28, 1), (N_FLOW, 3), (N_FLOW, 28, 28, 1), (N_FLOW, 28, 28, 1), (N_FLOW,),
+                       (N_FLOW, 3)))
+    obs = np.broadcast_to(np.asarray(mask), post.samples.shape)
+    originals = np.broadcast_to(np.asarray(x)[:, None], obs.shape)
+    np.testing.assert_array_equal(np.asarray(post.samples)[obs], originals[obs])
+    np.testing.assert_allclose(post.weights, 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(post.ess, 3.0, rtol=1e-5)
+    latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
+    np.testing.assert_allclose(post.mean, latent, atol=1e-6)
+    cold = post.at_temperature(1e-3)  # all weight on the lowest energy
+    best = np.asarray(post.energy).argmin(1)
+    np.testing.assert_allclose(cold.weights, np.eye(3)[best], atol=1e-6)
+    np.testing.assert_allclose(cold.mean, np.asarray(post.samples)[np.arange(N_FLOW), best], atol=1e-6)
+    lo90, hi90 = post.interval(0.9)
+    lo50, hi50 = post.interval(0.5)
+    assert np.all(np.asarray(lo90) <= np.asarray(lo50)) and np.all(np.asarray(hi50) <= np.asarray(hi90))
+    assert np.all(np.asarray(post.samples.min(1)) <= np.asarray(lo90))
+    with pytest.raises(ValueError, match="temperature"):
+        ip.inpaint_posterior(flow, x, mask, reference=reference, temperature=0.0)
+    with pytest.raises(ValueError, match="reference set or a key"):
+        ip.inpaint_posterior(flow, x, mask)

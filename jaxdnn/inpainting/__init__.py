@@ -58,7 +58,8 @@ from jaxdnn.inpainting.pixel import (
 __all__ = [
     "ANNEALED_DEFAULTS", "BASELINES", "DEFAULTS", "IMAGE_SHAPE", "KNN", "LANGEVIN_DEFAULTS", "LATENT_DEFAULTS",
     "LATENT_MAP_DEFAULTS", "LATENT_METHODS", "MASKS", "METHODS", "PGD_DEFAULTS", "PIXEL_METHODS", "STEPS",
-    "Flow", "InpaintResult", "annealed_optimizer", "as_flow", "batch_masks", "check_images", "check_mask", "evaluate",
+    "Flow", "InpaintResult", "Posterior", "annealed_optimizer", "as_flow", "batch_masks", "check_images",
+    "check_mask", "evaluate", "inpaint_posterior",
     "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
     "mean_fill", "nearest_neighbor", "nearest_training_images", "pgd_optimizer", "pixel_mean",
 ]
@@ -161,6 +162,89 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
+
+
+class Posterior(NamedTuple):
+    """Completions of each image as a weighted sample of its posterior (`inpaint_posterior`).
+
+    samples (B, K, H, W, C): the K searches' fills, inside C; weights (B, K): self-normalized
+    importance weights, softmax(-E_k / temperature) of the searches' final energies; mean and
+    std (B, H, W, C): the weighted per-pixel mean and standard deviation; ess (B,): the
+    effective sample size 1 / sum_k w_k^2 (K for equal weights, 1 when one search takes all);
+    energy (B, K): the searches' final energies E(z_k), from which `at_temperature` reweighs."""
+
+    samples: jax.Array
+    weights: jax.Array
+    mean: jax.Array
+    std: jax.Array
+    ess: jax.Array
+    energy: jax.Array
+
+    def at_temperature(self, temperature: float) -> Posterior:
+        """The same samples weighted by softmax(-E / temperature) (no search rerun)."""
+        return _weigh(self.samples, self.energy, jnp.float32(temperature))
+
+    def interval(self, level: float = 0.9) -> tuple[jax.Array, jax.Array]:
+        """Per-pixel weighted (1 - level)/2 and (1 + level)/2 quantiles of the samples, each
+        (B, H, W, C): the central `level` interval."""
+        order = jnp.argsort(self.samples, axis=1)
+        values = jnp.take_along_axis(self.samples, order, 1)
+        w = jnp.take_along_axis(jnp.broadcast_to(self.weights[:, :, None, None, None], self.samples.shape), order, 1)
+        cum = jnp.cumsum(w, 1)
+
+        def quantile(q):
+            idx = jnp.sum(cum < q - 1e-6, axis=1, keepdims=True).clip(0, self.samples.shape[1] - 1)
+            return jnp.take_along_axis(values, idx, 1)[:, 0]
+
+        return quantile((1.0 - level) / 2), quantile((1.0 + level) / 2)
+
+
+POSTERIOR_TEMPERATURE = 300.0  # on validation images 0..31 (RealNVP, top_half and center), the weighted
+# mean's PSNR peaked here (+0.03 dB over equal weights; 30: -0.1 dB, 10: -0.6 dB): README, docs/inpainting.md
+
+
+def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, reference=None,
+                      starts: int | None = None, temperature: float = POSTERIOR_TEMPERATURE,
+                      steps: int | None = None, **options) -> Posterior:
+    """K = `starts` completions of each image with their weights (`Posterior`): the `latent`
+    method's searches (from the nearest `reference` images' encodings, else prior noise from
+    `key`), weighted by softmax(-E / temperature) (inf: equal weights, so `mean` is exactly
+    `inpaint(..., method="latent")`). image (H, W, C) or (B, H, W, C); the result always has
+    the batch axis. `options`: the `latent` method's (lr, noise_std, prior_weight, init_scale)."""
+    if not (isinstance(temperature, int | float) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 (inf: equal weights), got {temperature!r}")
+    if starts is not None:
+        options["starts"] = starts
+    steps = STEPS["latent"] if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    hyper, counts = _hyperparameters("latent", None, None, options)
+    if isinstance(flow, FlowDistribution):
+        flow = as_flow(flow.model, flow.params)
+    if not isinstance(flow, Flow):
+        raise ValueError("inpaint_posterior needs the flow's decoder: pass a FlowDistribution or "
+                         "as_flow(model, params)")
+    images = check_images(image, "image")
+    images = images[None] if images.ndim == 3 else images
+    masks = jnp.broadcast_to(check_mask(mask, images.shape[1:] if jnp.ndim(mask) <= 3 else images.shape, "mask"),
+                             images.shape)
+    if reference is not None:
+        reference = check_images(reference, "reference")
+    elif key is None:
+        raise ValueError("inpaint_posterior needs a reference set or a key")
+    keys = _image_keys(key, images.shape[0], False) if key is not None else None
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
+    found = latent.candidates(flow, images, masks, keys, hyper, int(steps), counts["starts"], reference)
+    return _weigh(found.fills, found.energy, jnp.float32(temperature))
+
+
+@jax.jit
+def _weigh(fills, energy, temperature) -> Posterior:
+    weights = jax.nn.softmax(-energy / temperature, axis=1)  # inf: 0 / inf = 0 -> uniform
+    w = weights[:, :, None, None, None]
+    mean = (w * fills).sum(1)
+    std = jnp.sqrt(jnp.maximum((w * (fills - mean[:, None]) ** 2).sum(1), 0.0))
+    return Posterior(fills, weights, mean, std, 1.0 / (weights**2).sum(1), energy)
 
 
 def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:

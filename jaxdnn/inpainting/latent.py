@@ -122,15 +122,22 @@ def _run_steps(flow, images, masks, hyper, carry, first, chunk, unroll):
 
 
 def _search(flow, images, masks, hyper, latents, steps):
-    """Adam on E from `latents` for `steps` steps -> (fill (B, H, W, C), energies (B, steps))."""
+    """Adam on E from `latents` for `steps` steps -> (fill (B, H, W, C), energies (B, steps),
+    E at the end (B,))."""
     carry = (latents, _adam_init(hyper, latents))
     (z, _), losses = run_chunks(
         lambda c, first, n, unroll: _run_steps(flow, images, masks, hyper, c, first, n, unroll),
         carry, steps, images.shape[0])
-    return _finish_jit(flow, z, images, masks), losses
+    return (*_finish_jit(flow, z, images, masks, hyper), losses)
 
 
-_finish_jit = jax.jit(_finish)
+@jax.jit
+def _finish_jit(flow, latents, images, masks, hyper):
+    """(decode(z) projected onto C, E(z) at the end (B,))."""
+    energy = latent_energy(flow, latents, images, masks, hyper["noise_std"], hyper["prior_weight"])
+    return _finish(flow, latents, images, masks), energy
+
+
 _encode = jax.jit(lambda flow, x: flow.encode(x))
 
 
@@ -138,35 +145,53 @@ def latent_map(flow: Flow, images, masks, hyper, steps: int):
     """The MAP fill from z = 0: (fill (B, H, W, C), E per step (B, steps))."""
     shapes = jax.eval_shape(flow.encode, images)
     zeros = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    return _search(flow, images, masks, hyper, zeros, steps)
+    fill, _, losses = _search(flow, images, masks, hyper, zeros, steps)
+    return fill, losses
 
 
-def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None):
-    """The average of `starts` searches' fills (B, H, W, C) and their mean E per step (B, steps).
+class Candidates(NamedTuple):
+    """`starts` = K searches per image: fills (B, K, H, W, C) inside C; energy (B, K), E(z) at
+    each search's end; losses (B, steps), the mean E per step."""
+
+    fills: jax.Array
+    energy: jax.Array
+    losses: jax.Array
+
+
+def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None) -> Candidates:
+    """All `starts` searches of every image as one batch of B * K searches (one compilation).
 
     reference: float training images (N, H, W, C): search k starts from the encoding of the
     k-th nearest on the observed pixels; None: from `init_scale` * N(0, I) drawn from
     fold_in(keys[b], k) for image b."""
-    if reference is not None:
-        nearest = nearest_training_images(images, masks, reference, starts)  # (B, starts)
+    b = images.shape[0]
     shapes = jax.eval_shape(flow.encode, images)
-    total, losses = 0.0, 0.0
-    for k in range(starts):
-        if reference is not None:
-            start = jnp.clip(jnp.asarray(reference)[nearest[:, k]], START_MARGIN, 1.0 - START_MARGIN)
-            z0 = _encode(flow, start)
-        else:
-            z0 = _prior_noise(keys, k, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
-        fill, loss = _search(flow, images, masks, hyper, z0, steps)
-        total, losses = total + fill, losses + loss
-    fill = total / starts
-    return jnp.where(masks, images, fill), losses / starts
+    if reference is not None:
+        nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
+        start = jnp.clip(jnp.asarray(reference)[nearest.reshape(-1)], START_MARGIN, 1.0 - START_MARGIN)
+        z0 = _encode(flow, start)  # image-major: row b * K + k
+    else:
+        z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
+    repeat = lambda a: jnp.repeat(a, starts, axis=0)
+    fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
+    return Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
+                      losses.reshape(b, starts, -1).mean(1))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "shapes"))
-def _prior_noise(keys, k, shapes, scale):
-    def one(key):
+def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None):
+    """The average of `starts` searches' fills (B, H, W, C) and their mean E per step (B, steps)."""
+    found = candidates(flow, images, masks, keys, hyper, steps, starts, reference)
+    return jnp.where(masks, images, found.fills.mean(1)), found.losses
+
+
+@functools.partial(jax.jit, static_argnames=("starts", "shapes"))
+def _prior_noise(keys, starts, shapes, scale):
+    """init_scale * N(0, I) latents for (image b, start k) from fold_in(keys[b], k), stacked
+    image-major: (B * K, ...) per level."""
+
+    def one(key, k):
         parts = jax.random.split(jax.random.fold_in(key, k), len(shapes))
         return [scale * jax.random.normal(p, s) for p, s in zip(parts, shapes, strict=True)]
 
-    return jax.vmap(one)(keys)
+    per_image = jax.vmap(lambda key: jax.vmap(lambda k: one(key, k))(jnp.arange(starts)))(keys)
+    return [z.reshape(-1, *z.shape[2:]) for z in per_image]
