@@ -69,7 +69,8 @@ def mnist_available() -> bool:
     return all((default_data_dir() / name).is_file() for name in FILES)
 
 
-LONGEST_FIRST = ("test_hw10.py", "test_train.py", "test_benchmarks.py", "test_readme.py", "test_distributed.py")
+LONGEST_FIRST = ("test_hw10.py", "test_train.py", "test_benchmarks.py", "test_notebook.py", "test_readme.py",
+                 "test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):
