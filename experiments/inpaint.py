@@ -1,4 +1,4 @@
-"""Problem 3: inpaint MNIST test images with a pretrained flow.
+"""Problem 3: inpaint MNIST test (or validation) images with a pretrained flow.
 
     python -m experiments.inpaint [--model {nice,realnvp,glow}] [--mask NAME[,NAME...]]
         [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--seed 0]
@@ -31,7 +31,8 @@ from jaxdnn import inpainting as ip
 from jaxdnn.data import FetchError, load_mnist, to_unit_interval
 
 PROG = "python -m experiments.inpaint"
-JSON_KEYS = ("model", "mask", "method", "images", "steps", "psnr", "mse", "bpd", "baselines", "seconds")
+JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "psnr", "mse", "bpd", "baselines", "paired",
+             "seconds")
 TEST_IMAGES = 10000
 FIGURE_COLUMNS = 10
 
@@ -98,7 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask", default=["hw10"], type=choice_list(ip.MASKS), metavar="NAME[,NAME...]",
                    help=f"missing region(s) from {', '.join(ip.MASKS)} (default hw10: rows 5..11, cols 5..19)")
     p.add_argument("--images", type=parse_range, default=(0, 10), metavar="START:STOP",
-                   help="test images START..STOP-1 (default 0:10)")
+                   help="images START..STOP-1 of --split (default 0:10)")
+    p.add_argument("--split", default="test", choices=("test", "validation"),
+                   help="test images (default; read once, for reported numbers) or the validation split "
+                        "(training images 55000..59999: choose methods and settings here); neighbours and the "
+                        "baselines' data always come from the training split 0..54999")
     p.add_argument("--method", default=["pgd"], type=choice_list(ip.METHODS), metavar="NAME[,NAME...]",
                    help=f"from {', '.join(ip.METHODS)} (default pgd, the course's); with several masks or "
                         "methods --json prints a list, one object per (mask, method)")
@@ -114,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     distributed.add_arguments(p)
     a = p.parse_args(argv)
+    if a.split == "validation" and a.images[1] > 5000:
+        p.error(f"--images {a.images[0]}:{a.images[1]} is out of range for the 5000 validation images")
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
@@ -140,18 +147,27 @@ def main(argv=None) -> int:
         return int(e.code or 0)
 
 
-def combine(metrics: dict, n: int) -> dict:
-    """Means over the images of every process from each process's means over its n images
-    (`seconds`: the slowest process's); the identity for one process."""
-    names = list(ip.BASELINES)
+def combine(metrics: dict, arrays: dict, n: int) -> dict:
+    """Means over the images of every process from each process's n images (paired differences
+    from their sums and sums of squares; `seconds`: the slowest process's); the identity for one
+    process."""
+    names = list(metrics["baselines"])
+    diffs = [arrays["psnr"] - arrays[f"psnr_{b}"] for b in names]
     local = [n, metrics["seconds"], *(n * metrics[k] for k in ("psnr", "mse", "bpd")),
-             *(n * metrics["baselines"][b][k] for b in names for k in ("psnr", "mse"))]
+             *(n * metrics["baselines"][b][k] for b in names for k in ("psnr", "mse")),
+             *(v for d in diffs for v in (d.sum(), (d * d).sum()))]
     every = distributed.from_every_process(np.asarray(local, np.float64))
-    sums = every[:, 2:].sum(axis=0) / every[:, 0].sum()
-    sums = [float(v) for v in sums]
-    return {"psnr": sums[0], "mse": sums[1], "bpd": sums[2],
-            "baselines": {b: {"psnr": sums[3 + 2 * i], "mse": sums[4 + 2 * i]} for i, b in enumerate(names)},
-            "seconds": float(every[:, 1].max())}
+    total = every[:, 0].sum()
+    sums = [float(v) for v in every[:, 2:].sum(axis=0)]
+    means = [v / total for v in sums[: 3 + 2 * len(names)]]
+    paired = {}
+    for i, b in enumerate(names):
+        s1, s2 = sums[3 + 2 * len(names) + 2 * i: 5 + 2 * len(names) + 2 * i]
+        var = (s2 - s1 * s1 / total) / (total - 1) if total > 1 else float("nan")
+        paired[b] = {"mean": s1 / total, "stderr": float(np.sqrt(max(var, 0.0) / total))}
+    return {"psnr": means[0], "mse": means[1], "bpd": means[2],
+            "baselines": {b: {"psnr": means[3 + 2 * i], "mse": means[4 + 2 * i]} for i, b in enumerate(names)},
+            "paired": paired, "seconds": float(every[:, 1].max())}
 
 
 def _main(argv) -> int:
@@ -167,7 +183,7 @@ def _main(argv) -> int:
     except ValueError as e:
         fail(PROG, f"--images {start}:{stop}: {e}")
     try:
-        images = to_unit_interval(load_mnist("test")[0][lo:hi])
+        images = to_unit_interval(load_mnist(a.split)[0][lo:hi])
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
@@ -186,8 +202,8 @@ def _main(argv) -> int:
                 rows = [("original", arrays["original"], None), ("observed", observed, None)]
             rows.append((method, arrays["inpainted"], arrays["psnr"]))
             steps = ip.STEPS[method] if a.steps is None else a.steps
-            out = {"model": a.model, "mask": mask, "method": method, "images": f"{start}:{stop}",
-                   "steps": steps, **combine(metrics, hi - lo)}
+            out = {"model": a.model, "mask": mask, "method": method, "split": a.split, "images": f"{start}:{stop}",
+                   "steps": steps, **combine(metrics, arrays, hi - lo)}
             assert tuple(out) == JSON_KEYS
             outs.append(out)
             if not a.json and distributed.is_main():
@@ -197,7 +213,7 @@ def _main(argv) -> int:
         knn = np.asarray(ip.masked_psnr(arrays["knn_mean"], arrays["original"], arrays["masks"]))
         rows.append(("knn_mean", arrays["knn_mean"], knn))
         path = Path(a.out) / f"inpaint_{pretrained.short_name(a.model)}_{mask}.png"
-        title = (f"{a.model}, mask {mask} (missing pixels grey in 'observed'), test images "
+        title = (f"{a.model}, mask {mask} (missing pixels grey in 'observed'), {a.split} images "
                  f"{start}..{min(hi, start + FIGURE_COLUMNS) - 1}; PSNR over the missing pixels")
         try:
             save_figure(figure(rows, title), path)
@@ -212,11 +228,13 @@ def _main(argv) -> int:
 
 def report(out: dict) -> None:
     b = out["baselines"]
-    rows = [(f"{out['method']} ({out['steps']} steps)", out), *((name, b[name]) for name in ip.BASELINES)]
-    print(f"Inpainting MNIST test images {out['images']} with {out['model']}, "
+    rows = [(f"{out['method']} ({out['steps']} steps)", out), *b.items()]
+    print(f"Inpainting MNIST {out['split']} images {out['images']} with {out['model']}, "
           f"mask {out['mask']}; scores over the missing pixels")
     for name, m in rows:
-        print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}")
+        d = out["paired"].get(name)
+        vs = f"   method - this: {d['mean']:+.3f} +- {2 * d['stderr']:.3f} dB (2 SE, paired)" if d else ""
+        print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}{vs}")
     print(f"  bits/dim of the inpainted images: {out['bpd']:.4f}; {out['seconds']:.1f} s")
 
 

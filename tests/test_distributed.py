@@ -68,6 +68,8 @@ def test_inpainting_on_two_processes_equals_one_process(tmp_path, capsys):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
     for name, scores in one["baselines"].items():
         assert two["baselines"][name]["psnr"] == pytest.approx(scores["psnr"], rel=1e-6), name
+        for stat in ("mean", "stderr"):  # paired statistics from the processes' sums and sums of squares
+            assert two["paired"][name][stat] == pytest.approx(one["paired"][name][stat], rel=1e-5, abs=1e-9), name
 
 
 @pytest.mark.slow

@@ -482,6 +482,8 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     assert out["steps"] == FLOW_STEPS
     for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
         assert np.isfinite(v)
+    for name, d in out["paired"].items():  # the paired mean is the difference of the means
+        assert d["mean"] == pytest.approx(out["psnr"] - out["baselines"][name]["psnr"], abs=1e-9) and d["stderr"] >= 0
     assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0
 
 

@@ -52,10 +52,15 @@ def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_i
     batch_size: images per call (one compilation: a short tail re-runs a full window).
 
     Returns (metrics, arrays). metrics: {"psnr", "mse", "bpd", "baselines": {name: {"psnr",
-    "mse"}} for each of `BASELINES`, "seconds"}: means over the images of the per-image PSNR /
-    MSE over the missing pixels, the mean bits/dim of the inpainted images, and the wall time of
-    the whole call. arrays (NumPy): original, corrupted, inpainted, masks, each baseline's fill,
-    psnr, mse, bpd (per image), losses (N, steps).
+    "mse"}}, "paired": {name: {"mean", "stderr"}}, "seconds"}: means over the images of the
+    per-image PSNR / MSE over the missing pixels, the mean bits/dim of the inpainted images, and
+    the wall time of the whole call. Baselines: `BASELINES`, and for "latent" the matched ones,
+    "knn_matched" (knn_mean over as many neighbours as the method has starts) and "start" (the
+    method at 0 steps, its own starting point). "paired": for each baseline, the mean over the
+    images of (method's PSNR - baseline's PSNR) and its standard error (the spread of a paired
+    difference, not of either score). arrays (NumPy): original, corrupted, inpainted, masks,
+    each baseline's fill and per-image psnr ("psnr_<name>"), psnr, mse, bpd (per image),
+    losses (N, steps).
     """
     t0 = time.perf_counter()
     images = check_images(images, "images")
@@ -95,22 +100,31 @@ def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_i
     fills = {"mean_fill": mean_fill(images, masks_b, pixel_mean(train_images)),
              "nearest_neighbor": nearest_neighbor(images, masks_b, train_images)[0],
              "knn_mean": knn_mean(images, masks_b, train_images)}
+    if method == "latent":  # the baselines the method is built on: its neighbours, its starts
+        starts = options.get("starts", DEFAULTS["latent"]["starts"])
+        fills["knn_matched"] = knn_mean(images, masks_b, train_images, k=starts)
+        fills["start"] = _batched(lambda lo, hi: inpaint(flow, images[lo:hi], masks if shared else masks[lo:hi],
+                                                         keys[lo:hi], method=method, steps=0, lr=lr, **reference,
+                                                         **options), n, batch_size)
 
     def scores(x):
         return (np.asarray(masked_psnr(x, images, masks_b), np.float64),
                 np.asarray(masked_mse(x, images, masks_b), np.float64))
 
     psnr, mse = scores(inpainted)
-    baselines = {}
+    baselines, paired, per_image = {}, {}, {}
     for name, filled in fills.items():
         p, m = scores(filled)
         baselines[name] = {"psnr": float(p.mean()), "mse": float(m.mean())}
+        d = psnr - p
+        paired[name] = {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
+        per_image[f"psnr_{name}"] = p
     start_value = options.get("init", DEFAULTS[method].get("init", 0.0))
     metrics = {"psnr": float(psnr.mean()), "mse": float(mse.mean()),
-               "bpd": float(np.mean(np.asarray(bpd, np.float64))), "baselines": baselines,
+               "bpd": float(np.mean(np.asarray(bpd, np.float64))), "baselines": baselines, "paired": paired,
                "seconds": time.perf_counter() - t0}
     arrays = {"original": np.asarray(images), "masks": np.asarray(masks_b),
               "corrupted": np.asarray(jnp.where(masks_b, images, start_value)),
               "inpainted": np.asarray(inpainted), **{k: np.asarray(v) for k, v in fills.items()},
-              "psnr": psnr, "mse": mse, "bpd": np.asarray(bpd), "losses": np.asarray(losses)}
+              **per_image, "psnr": psnr, "mse": mse, "bpd": np.asarray(bpd), "losses": np.asarray(losses)}
     return metrics, arrays
