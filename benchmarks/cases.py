@@ -88,6 +88,20 @@ def gamblers_ruin(quick: bool) -> dict:
     return {"name": "gamblers_ruin", "unit": "paths/s", "jaxdnn": ours, "peers": peers}
 
 
+def gamblers_ruin_state(quick: bool) -> dict:
+    """The state-dependent tilt (8 bits): the kernel with per-game proposals and exact weights;
+    no peer (the course had none), for comparing jaxdnn versions on one machine."""
+    import jax
+
+    from jaxdnn import gamblers_ruin as gr
+
+    n = 2**18 if quick else 2**22
+    key = jax.random.key(0)
+    log(f"gamblers_ruin_state: jaxdnn {n} paths")
+    ours = measure(lambda: gr.estimate(key, n, gr.tilt(), **GR), n, 5, compile_time=True)
+    return {"name": "gamblers_ruin_state", "unit": "paths/s", "jaxdnn": ours, "peers": {}}
+
+
 # ----------------------------------------------------------------------------- SGD tricks
 
 
@@ -228,6 +242,7 @@ def flow_train_step(quick: bool) -> dict:
 
 CASES = {
     "gamblers_ruin": gamblers_ruin,
+    "gamblers_ruin_state": gamblers_ruin_state,
     "sgd_tricks": sgd_tricks,
     "inpainting": inpainting,
     "flow_train_step": flow_train_step,

@@ -541,3 +541,19 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
         ip.inpaint_posterior(flow, x, mask, reference=reference, temperature=0.0)
     with pytest.raises(ValueError, match="reference set or a key"):
         ip.inpaint_posterior(flow, x, mask)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--temperature", "0,1"], "--temperature must be > 0"),
+    (["--temperature", "hot"], "must be numbers"),
+    (["--starts", "1"], "--starts must be >= 2"),
+    (["--images", "4990:5010"], "out of range"),
+    (["--model", "nowhere"], "neither a shipped model"),
+])
+def test_posterior_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
+    from experiments import inpaint_posterior
+
+    with pytest.raises(SystemExit) as exit_:
+        inpaint_posterior.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and match in err, err
