@@ -1,30 +1,75 @@
-"""The README's quickstart runs as written (so it cannot rot)."""
+"""The README's quickstart and its train-export-continue recipe run as written (so they cannot rot)."""
 
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TINY_GLOW = ["--config.levels_count=1", "--config.steps_per_level=1", "--config.hidden=8", "--config.batch_size=8",
+             "--config.log_every=1", "--config.eval_every=1000", "--config.eval_images=16", "--quiet"]
+TINY_STEPS = {"3000": "4", "6000": "7", "100": "2"}  # the recipe's step counts, scaled down
 
 
-def quickstart() -> str:
-    """The first ```python block under the '## Quickstart' heading."""
+def section(heading: str, language: str) -> str:
+    """The first ```language block under the '## heading' heading."""
     text = README.read_text()
-    section = text.split("\n## Quickstart", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    part = text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    return re.search(rf"```{language}\n(.*?)```", part, re.S).group(1)
+
+
+def test_readme_is_one_screen_with_two_commands():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    two = text.split("\n## Two commands", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", two, re.S)
+    assert len(commands) == 2 and all(c.startswith("python3 -m venv .venv") for c in commands)
+    assert commands[0].endswith("python -m experiments.hw10")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci  # .ci/run runs the README's test command
 
 
 @pytest.mark.slow
 @pytest.mark.mnist
-def test_readme_quickstart_runs():
+def test_readme_quickstart_runs(capsys):
     scope: dict = {}
-    exec(compile(quickstart(), "README.md:quickstart", "exec"), scope)  # noqa: S102 - our own README
-    # what the quickstart prints, checked: finite scores, samples in [0, 1], fills inside C
+    exec(compile(section("Quickstart", "python"), "README.md:quickstart", "exec"), scope)  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "P(reach $200)" in printed and "quickstart ran in" in printed
     assert scope["log_p"].shape == (4,) and np.isfinite(scope["log_p"]).all()
-    assert scope["samples"].shape == (4, 28, 28, 1)
-    assert 0.0 <= float(scope["samples"].min()) and float(scope["samples"].max()) <= 1.0
+    assert scope["samples"].shape == (4, 28, 28, 1) and np.isfinite(scope["samples"]).all()
     assert float(scope["psnr"].mean()) > 10.0  # the latent fills are digits, not mean-fill blur (~8.5 dB)
     assert abs(scope["ruin"].estimate / scope["exact"] - 1) < 5 * scope["ruin"].relative_error
-    assert 0.3 < float(scope["mu"]) < 0.6 and 0.45 < float(scope["sigma"]) < 0.8  # the local minimum's basin
+    assert 0.3 < scope["mu"] < 0.6 and 0.45 < scope["sigma"] < 0.8  # the local minimum's basin
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_readme_train_export_continue_recipe_runs(tmp_path):
+    """Each command of the recipe, on a tiny Glow with its step counts scaled down, in tmp_path."""
+    script = section("Train, export, continue", "bash").replace("\\\n", " ")
+    commands = [shlex.split(line) for line in script.splitlines() if line.strip()]
+    assert [c[2] for c in commands] == ["experiments.train_flow"] * 3 + ["experiments.evaluate_flow"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    for argv in commands:
+        argv = [re.sub(r"^runs/", f"{tmp_path}/", a) for a in argv]
+        argv = [re.sub(r"=(\d+)$", lambda m: "=" + TINY_STEPS.get(m.group(1), m.group(1)), a) for a in argv]
+        if argv[2] == "experiments.train_flow" and "--export" not in argv:
+            argv += TINY_GLOW
+        if argv[2] == "experiments.evaluate_flow":
+            argv += ["--json", "--limit", "64", "--out", str(tmp_path)]
+        out = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=False)
+        assert out.returncode == 0, (argv, out.stderr[-2000:])
+    card = json.loads((tmp_path / "glow_a" / "export" / "glow.json").read_text())
+    assert card["steps"] == 4 and np.isfinite(card["val_bpd"]) and np.isfinite(card["test_bpd"])
+    continued = json.loads((tmp_path / "glow_b" / "final.json").read_text())
+    assert continued["init_step"] == 4 and continued["steps"] == 7
+    assert json.loads(out.stdout)["images"] == 64
