@@ -131,10 +131,12 @@ def make_eval_fn(model, samples: int = 1) -> Callable:
         return model.apply(params, dequantize(key, batch), method=model.log_prob)
 
     def evaluate(params, batch, key):
-        logs = [log_prob(params, batch, key)]
-        logs += [log_prob(params, batch, jax.random.fold_in(key, k)) for k in range(1, samples)]
-        log_mean = jax.nn.logsumexp(jnp.stack(logs), axis=0) - math.log(samples)
-        return bits_per_dim(log_mean)
+        if samples == 1:
+            return bits_per_dim(log_prob(params, batch, key))
+        others = jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(1, samples))
+        keys = jnp.concatenate([key[None], others])  # one batched pass over the K noises
+        logs = jax.vmap(lambda k: log_prob(params, batch, k))(keys)  # (K, B)
+        return bits_per_dim(jax.nn.logsumexp(logs, axis=0) - math.log(samples))
 
     return jax.jit(evaluate)
 

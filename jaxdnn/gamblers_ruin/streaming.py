@@ -166,7 +166,7 @@ def estimate(key, paths: int, proposal=0.55, *, start=100, target=200, p=18 / 37
     if isinstance(proposal, str):
         proposal = proposal_by_name(proposal, start, target, p, games, bits)
     elif not callable(proposal):
-        proposal = check_probability("proposal", proposal)
+        proposal = check_probability("q", proposal)
     if callable(proposal):
         if not stopped:
             raise ValueError("stopped=False is only implemented for a constant q")
