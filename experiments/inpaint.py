@@ -32,7 +32,7 @@ from jaxdnn.data import FetchError, load_mnist, to_unit_interval
 
 PROG = "python -m experiments.inpaint"
 JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "psnr", "mse", "bpd", "baselines", "paired",
-             "seconds")
+             "accuracy", "seconds")
 TEST_IMAGES = 10000
 FIGURE_COLUMNS = 10
 
@@ -151,23 +151,24 @@ def combine(metrics: dict, arrays: dict, n: int) -> dict:
     """Means over the images of every process from each process's n images (paired differences
     from their sums and sums of squares; `seconds`: the slowest process's); the identity for one
     process."""
-    names = list(metrics["baselines"])
+    names, readers = list(metrics["baselines"]), list(metrics["accuracy"])
     diffs = [arrays["psnr"] - arrays[f"psnr_{b}"] for b in names]
     local = [n, metrics["seconds"], *(n * metrics[k] for k in ("psnr", "mse", "bpd")),
              *(n * metrics["baselines"][b][k] for b in names for k in ("psnr", "mse")),
-             *(v for d in diffs for v in (d.sum(), (d * d).sum()))]
+             *(v for d in diffs for v in (d.sum(), (d * d).sum())), *(n * metrics["accuracy"][r] for r in readers)]
     every = distributed.from_every_process(np.asarray(local, np.float64))
     total = every[:, 0].sum()
     sums = [float(v) for v in every[:, 2:].sum(axis=0)]
     means = [v / total for v in sums[: 3 + 2 * len(names)]]
-    paired = {}
+    paired, first_accuracy = {}, 3 + 4 * len(names)
+    accuracy = {r: sums[first_accuracy + i] / total for i, r in enumerate(readers)}
     for i, b in enumerate(names):
         s1, s2 = sums[3 + 2 * len(names) + 2 * i: 5 + 2 * len(names) + 2 * i]
         var = (s2 - s1 * s1 / total) / (total - 1) if total > 1 else float("nan")
         paired[b] = {"mean": s1 / total, "stderr": float(np.sqrt(max(var, 0.0) / total))}
     return {"psnr": means[0], "mse": means[1], "bpd": means[2],
             "baselines": {b: {"psnr": means[3 + 2 * i], "mse": means[4 + 2 * i]} for i, b in enumerate(names)},
-            "paired": paired, "seconds": float(every[:, 1].max())}
+            "paired": paired, "accuracy": accuracy, "seconds": float(every[:, 1].max())}
 
 
 def _main(argv) -> int:
@@ -183,7 +184,8 @@ def _main(argv) -> int:
     except ValueError as e:
         fail(PROG, f"--images {start}:{stop}: {e}")
     try:
-        images = to_unit_interval(load_mnist(a.split)[0][lo:hi])
+        images, labels = load_mnist(a.split)
+        images, labels = to_unit_interval(images[lo:hi]), labels[lo:hi]
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
@@ -194,7 +196,7 @@ def _main(argv) -> int:
             try:
                 metrics, arrays = ip.evaluate(model, params, images, mask, method, train_images=train,
                                               key=jax.random.key(a.seed), indices=np.arange(lo, hi),
-                                              steps=a.steps, lr=a.lr, batch_size=a.batch_size)
+                                              steps=a.steps, lr=a.lr, batch_size=a.batch_size, labels=labels)
             except ValueError as e:
                 fail(PROG, str(e))
             if not rows:
@@ -235,6 +237,8 @@ def report(out: dict) -> None:
         d = out["paired"].get(name)
         vs = f"   method - this: {d['mean']:+.3f} +- {2 * d['stderr']:.3f} dB (2 SE, paired)" if d else ""
         print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}{vs}")
+    acc = out["accuracy"]
+    print("  read as the right digit by the classifier: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
     print(f"  bits/dim of the inpainted images: {out['bpd']:.4f}; {out['seconds']:.1f} s")
 
 

@@ -66,6 +66,7 @@ def test_inpainting_on_two_processes_equals_one_process(tmp_path, capsys):
     one = _one_process("inpaint", cmd[3:], capsys)
     for key in ("psnr", "mse", "bpd"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    assert two["accuracy"] == pytest.approx(one["accuracy"])  # the classifier's reading, combined
     for name, scores in one["baselines"].items():
         assert two["baselines"][name]["psnr"] == pytest.approx(scores["psnr"], rel=1e-6), name
         for stat in ("mean", "stderr"):  # paired statistics from the processes' sums and sums of squares

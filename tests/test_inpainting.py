@@ -482,6 +482,8 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     assert out["steps"] == FLOW_STEPS
     for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
         assert np.isfinite(v)
+    assert set(out["accuracy"]) == {"method", "mean_fill", "nearest_neighbor", "knn_mean", "ceiling", "floor"}
+    assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
     for name, d in out["paired"].items():  # the paired mean is the difference of the means
         assert d["mean"] == pytest.approx(out["psnr"] - out["baselines"][name]["psnr"], abs=1e-9) and d["stderr"] >= 0
     assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0
@@ -557,3 +559,21 @@ def test_posterior_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
         inpaint_posterior.main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.mnist
+def test_the_plausibility_classifier_reproduces_its_card():
+    """Trained on the training split only; it reads the validation digits as its card says, and
+    `accuracy` checks its inputs."""
+    from jaxdnn.data import load_mnist
+    from jaxdnn.inpainting import plausibility
+
+    card = plausibility.card()
+    assert card["trained_on"] == "training images 0..54999" and card["test_accuracy"] > 0.98
+    images, labels = load_mnist("validation")
+    assert plausibility.accuracy(to_unit_interval(images), labels) == pytest.approx(card["validation_accuracy"],
+                                                                                    abs=1e-3)
+    with pytest.raises(ValueError, match="one entry per image"):
+        plausibility.accuracy(to_unit_interval(images[:3]), labels[:2])
+    with pytest.raises(ValueError, match="uint8"):
+        plausibility.accuracy(images[:3], labels[:3])

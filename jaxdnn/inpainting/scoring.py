@@ -39,7 +39,7 @@ def _batched(fn, n: int, batch_size: int):
 
 def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_images, key=None,
              indices=None, steps: int | None = None, lr: float | None = None, batch_size: int = 100,
-             **options):
+             labels=None, **options):
     """Inpaints `images` with the flow (model, params) and scores it against the baselines.
 
     images: float (N, 28, 28, 1) in [0, 1]. mask: a name from `MASKS`, or a bool/0-1 array
@@ -50,6 +50,9 @@ def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_i
         second the methods' noise. Image i uses fold_in(subkey, indices[i]), so results do not
         depend on the range or the batch size. indices: the images' numbers (default 0..N-1).
     batch_size: images per call (one compilation: a short tail re-runs a full window).
+    labels: the images' digits (N,); given, metrics gain "accuracy": the fraction of the method's
+        and each baseline's completions the plausibility classifier reads as the true digit,
+        with "ceiling" (the original images) and "floor" (observed pixels only, the rest 0).
 
     Returns (metrics, arrays). metrics: {"psnr", "mse", "bpd", "baselines": {name: {"psnr",
     "mse"}}, "paired": {name: {"mean", "stderr"}}, "seconds"}: means over the images of the
@@ -120,9 +123,19 @@ def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_i
         paired[name] = {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
         per_image[f"psnr_{name}"] = p
     start_value = options.get("init", DEFAULTS[method].get("init", 0.0))
+    if labels is not None:
+        from jaxdnn.inpainting import plausibility
+
+        labels = np.asarray(labels).reshape(-1)
+        floor = jnp.where(masks_b, images, 0.0)
+        read = {"method": inpainted, **fills, "ceiling": images, "floor": floor}
+        per_image.update({f"correct_{k}": plausibility.predict(v) == labels for k, v in read.items()})
     metrics = {"psnr": float(psnr.mean()), "mse": float(mse.mean()),
                "bpd": float(np.mean(np.asarray(bpd, np.float64))), "baselines": baselines, "paired": paired,
                "seconds": time.perf_counter() - t0}
+    if labels is not None:
+        metrics["accuracy"] = {k[len("correct_"):]: float(v.mean()) for k, v in per_image.items()
+                               if k.startswith("correct_")}
     arrays = {"original": np.asarray(images), "masks": np.asarray(masks_b),
               "corrupted": np.asarray(jnp.where(masks_b, images, start_value)),
               "inpainted": np.asarray(inpainted), **{k: np.asarray(v) for k, v in fills.items()},
