@@ -341,3 +341,20 @@ def read_tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
                 elif value.HasField("image"):
                     out.setdefault(value.tag, []).append((event.step, value.image.height))
     return out
+
+
+def test_card_curves_run_over_every_stage(tmp_path):
+    """plot_cards joins a card's nested stages: epochs and hours add up across stages."""
+    from experiments import plot_cards
+
+    first = {"model": "realnvp", "train_config": {"batch_size": 55}, "init_step": 0, "steps": 2000, "epochs": 2.0,
+             "wall_seconds": 3600.0, "val_bpd": 1.3, "validation_curve": [
+                 {"step": 1000, "wall_seconds": 1800.0, "val_bpd": 1.4}, {"step": 2000, "wall_seconds": 3600.0,
+                                                                          "val_bpd": 1.3}]}
+    second = {**first, "init_step": 2000, "steps": 3000, "epochs": 1.0, "val_bpd": 1.2, "initialized_from": first,
+              "validation_curve": [{"step": 3000, "wall_seconds": 1800.0, "val_bpd": 1.2}]}
+    assert plot_cards.curve(second) == [(1.0, 0.5, 1.4), (2.0, 1.0, 1.3), (3.0, 1.5, 1.2)]
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps(second))
+    assert plot_cards.main([str(path), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
