@@ -87,7 +87,7 @@ def _params(workdir):
 @pytest.mark.mnist
 def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_train_like_one(tmp_path):
     """One run of 6 steps is the reference. A run killed after 3 steps and resumed ends with the
-    same state bit for bit, and exports as its own figure. Two local processes of two devices each
+    same state bit for bit. Two local processes of two devices each
     (each process loading its half of every batch; only process 0 writes) log the same training
     losses and the same test bits/dim."""
     from test_distributed import free_port
@@ -102,14 +102,7 @@ def test_killed_run_resumes_bit_identically_and_two_processes_of_two_devices_tra
     final_whole, ckpt_whole = _params(tmp_path / "whole")
     final_resumed, ckpt_resumed = _params(tmp_path / "killed")
     jax.tree.map(np.testing.assert_array_equal, ckpt_whole, ckpt_resumed)  # bit-identical state
-    assert final_whole["val_bpd"] == final_resumed["val_bpd"]
-    exported = subprocess.run(_command(tmp_path / "whole", "--export"),
-                              env={**os.environ, **one_device}, capture_output=True, text=True, check=False)
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    card = json.loads((tmp_path / "whole" / "export" / "nice.json").read_text())  # into the workdir by default
-    assert card["steps"] == 6 and card["val_bpd"] == round(final_whole["val_bpd"], 5)  # rescored: the run's figure
-    assert card["test_images"] == 10000 and np.isfinite(card["test_bpd"])
-    assert (tmp_path / "whole" / "export" / "nice.msgpack").stat().st_size > 0
+    assert final_whole["val_bpd"] == final_resumed["val_bpd"]  # (export: the README recipe's test)
 
     two_devices = {**one_device, "XLA_FLAGS": xla_flags + " --xla_force_host_platform_device_count=2"}
     peers = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--init-timeout", "50"]
@@ -314,7 +307,8 @@ def test_one_image_evaluates_on_four_devices(tmp_path):
     xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags + " --xla_force_host_platform_device_count=4"}
     out = subprocess.run([sys.executable, "-m", "experiments.evaluate_flow", "--model", "nice", "--limit", "1",
-                          "--json", "--out", str(tmp_path)], env=env, capture_output=True, text=True, check=False)
+                          "--json", "--temperature", "1", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["images"] == 1
