@@ -219,8 +219,8 @@ def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_para
     cold = FlowDistribution(model, params, temperature=0.7)
     scaled = distrax.Independent(prior(jnp.zeros(x.shape), 0.7 * jnp.ones(x.shape)), 3)
     np.testing.assert_allclose(cold.log_prob(x), distrax.Transformed(scaled, bij).log_prob(x), rtol=1e-5, atol=2e-3)
-    mode = bij.forward(jnp.zeros((1, 28, 28, 1)))
-    np.testing.assert_allclose(FlowDistribution(model, params, 1e-6).sample(seed=jax.random.key(5), sample_shape=(1,)),
+    mode = bij.forward(jnp.zeros((2, 28, 28, 1)))  # batch 2 throughout: the shapes compiled above
+    np.testing.assert_allclose(FlowDistribution(model, params, 1e-6).sample(seed=jax.random.key(5), sample_shape=(2,)),
                                mode, atol=1e-4)  # T -> 0 decodes the prior's mode
     with pytest.raises(ValueError, match="temperature"):
         FlowDistribution(model, params, temperature=0.0)
