@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -229,7 +230,9 @@ def test_the_trainer_reads_no_test_image_and_writes_tensorboard(tmp_path, monkey
     monkeypatch.setattr(trainer, "load_mnist", spy)
     config = trainer.default_config("nice", hidden=8, depth=1, batch_size=8, steps=3, warmup=1, eval_every=2,
                                     eval_images=16, log_every=1)
+    handler = signal.getsignal(signal.SIGTERM)
     final = trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert signal.getsignal(signal.SIGTERM) is handler  # the trainer puts back the handler it replaced
     assert sorted(set(read)) == ["train", "validation"] and "test_bpd" not in final and np.isfinite(final["val_bpd"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "val_bpd" in rows[1] and "val_bpd_raw" in rows[1] and not any("test_bpd" in r for r in rows)
