@@ -172,7 +172,7 @@ def inpainting(quick: bool) -> dict:
     mask[14:] = False  # bottom half missing
     log_prob = ip.flow_log_prob(model, params)
     log(f"inpainting: {n_images} images x {steps} steps, one batch")
-    ours = measure(lambda: ip.inpaint(log_prob, x, mask, steps=steps), n_images, 5,
+    ours = measure(lambda: ip.inpaint(log_prob, x, mask, method="pgd", steps=steps), n_images, 5,
                    compile_time=True)
     peers: dict = {}
 

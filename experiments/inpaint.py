@@ -1,18 +1,19 @@
 """Problem 3: inpaint MNIST test (or validation) images with a pretrained flow.
 
-    python -m experiments.inpaint [--model {nice,realnvp,glow}] [--mask NAME[,NAME...]]
+    python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...]] [--split test]
         [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--seed 0]
         [--batch-size 100] [--out DIR] [--json]
 
-Minimizes -log p(X) subject to M*X = M*X_true, 0 <= X <= 1 for the test images START..STOP-1
-with any of the methods of `jaxdnn.inpainting` (pixel space: `pgd`, the course's 300 plain
-steps of 1e-3 from missing pixels at 1, `annealed`, `langevin`; latent space: `latent_map`,
-`latent`, which starts its searches from the training images nearest on the observed pixels).
-Reports, over the missing pixels only, the mean PSNR (peak 1), the mean MSE and the mean
-bits/dim of the inpainted images, beside three baselines without a flow computed in the same
-run: mean_fill (training-set per-pixel mean), nearest_neighbor (the training image closest on
-the observed pixels) and knn_mean (the mean of the 10 closest). Writes one figure per mask,
-DIR/inpaint_<model>_<mask>.png: rows original, observed, one per method, knn_mean.
+Fills the missing pixels of images START..STOP-1 of the split with any of the methods of
+`jaxdnn.inpainting` (latent space: `latent`, the default, which starts its searches from the
+training images nearest on the observed pixels, and `latent_map`; pixel space: `pgd`, the
+course's 300 plain steps of 1e-3 from missing pixels at 1, `annealed`, `langevin`). Reports,
+over the missing pixels only, the mean PSNR (peak 1), the mean MSE, the mean bits/dim of the
+inpainted images and the plausibility classifier's accuracy, beside baselines without a flow
+computed in the same run (mean_fill, nearest_neighbor, knn_mean of 10, and for `latent` the
+matched knn_matched and start) with paired differences (mean and standard error). Writes one
+figure per mask, DIR/inpaint_<model>_<mask>.png: rows original, observed, one per method,
+knn_mean.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test images (default; read once, for reported numbers) or the validation split "
                         "(training images 55000..59999: choose methods and settings here); neighbours and the "
                         "baselines' data always come from the training split 0..54999")
-    p.add_argument("--method", default=["pgd"], type=choice_list(ip.METHODS), metavar="NAME[,NAME...]",
-                   help=f"from {', '.join(ip.METHODS)} (default pgd, the course's); with several masks or "
-                        "methods --json prints a list, one object per (mask, method)")
+    p.add_argument("--method", default=["latent"], type=choice_list(ip.METHODS), metavar="NAME[,NAME...]",
+                   help=f"from {', '.join(ip.METHODS)} (default latent, the best on validation; pgd is the "
+                        "course's); with several masks or methods --json prints a list, one object per (mask, method)")
     p.add_argument("--steps", type=int, default=None,
                    help="iterations, per search for the latent methods (default: "
                         + ", ".join(f"{m} {n}" for m, n in ip.STEPS.items()) + ")")

@@ -88,7 +88,7 @@ def flow_log_prob(model, params) -> jax.tree_util.Partial:
 
 
 def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], image, mask, key=None,
-            method: str = "pgd", steps: int | None = None, lr: float | None = None, *,
+            method: str = "latent", steps: int | None = None, lr: float | None = None, *,
             init: float | None = None, reference=None, return_losses: bool = False, **options):
     """Inpaints the missing pixels (mask False / 0) of `image`.
 
@@ -100,9 +100,11 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     key: one key (split into one per image) or a (B,) array of keys; image i of a batch called
         with keys k gives the same result as a call on that image with k[i]. Needed by
         "annealed", "langevin" and "latent" without `reference`; unused (may be None) otherwise.
-    method: one of `METHODS` (see the module docstring). steps: iterations (per search for the
-        latent methods); None: `STEPS[method]` (300 for the course's pgd). lr: step size; None:
-        `DEFAULTS[method]["lr"]`. init: starting value of the missing pixels (pixel methods).
+    method: one of `METHODS` (see the module docstring); "latent" (the default) is the best on
+        the validation split, with a `reference` set; "pgd" is the course's method.
+    steps: iterations (per search for the latent methods); None: `STEPS[method]` (300 for the
+        course's pgd). lr: step size; None: `DEFAULTS[method]["lr"]`. init: starting value of the
+        missing pixels (pixel methods).
     reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
         pixels start the searches (recommended); None starts from scaled prior noise.
     options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts).

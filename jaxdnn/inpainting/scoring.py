@@ -37,7 +37,7 @@ def _batched(fn, n: int, batch_size: int):
     return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
-def evaluate(model, params, images, mask="hw10", method: str = "pgd", *, train_images, key=None,
+def evaluate(model, params, images, mask="hw10", method: str = "latent", *, train_images, key=None,
              indices=None, steps: int | None = None, lr: float | None = None, batch_size: int = 100,
              labels=None, **options):
     """Inpaints `images` with the flow (model, params) and scores it against the baselines.
