@@ -12,9 +12,9 @@ The derivations are in docs/problems.md; `python -m experiments.<name>` runs eac
 
 One side effect at import, on CPU only: jaxdnn appends `XLA_CPU_FLAGS` to XLA_FLAGS, which routes
 CPU convolutions and reductions to XLA's own kernels instead of YNNPACK. A RealNVP train step
-(batch 64) runs about 1.2x faster with it on this project's 2-core x86 VM (346 against 281
-images/s; compare `python -m benchmarks --only flow_train_step` with and without
-JAXDNN_XLA_DEFAULTS=0, docs/performance.md). It is read when JAX starts its backend (import
+(batch 64) runs about 1.25x faster with it on this project's 2-core x86 VM (322 and 344 against
+262 and 265 images/s in two interleaved pairs of `python -m benchmarks --only flow_train_step`
+with and without JAXDNN_XLA_DEFAULTS=0, docs/performance.md). It is read when JAX starts its backend (import
 jaxdnn before running any JAX computation) and skipped when XLA_FLAGS already sets it or
 JAXDNN_XLA_DEFAULTS=0. Only jaxlib versions known to have the flag get it
 (`XLA_CPU_FLAGS_JAXLIB`): XLA aborts on a flag it does not know.
