@@ -71,11 +71,14 @@ def main(argv=None) -> int:
     grid = sample_grid(model, params, jax.random.key(1), f"{args.out}/samples_{pretrained.short_name(args.model)}.png",
                        tuple(args.temperature))
     result["seconds"] = round(time.time() - t0, 1)
+    if not math.isfinite(result["bpd_stderr"]):  # one image: no spread to estimate (JSON has no NaN)
+        result["bpd_stderr"] = None
     if args.json:
         print_json(result)
     else:
         bound = "bits/dim" if args.samples == 1 else f"bits/dim (importance-weighted, K = {args.samples})"
-        print(f"{args.model}: {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} {bound} on {result['images']} "
+        spread = f" +- {result['bpd_stderr']:.4f}" if result["bpd_stderr"] is not None else ""
+        print(f"{args.model}: {result['bpd']:.4f}{spread} {bound} on {result['images']} "
               f"MNIST {args.split} images ({result['seconds']} s); samples: {grid}")
     return 0
 

@@ -168,6 +168,8 @@ def score(model, params, images: np.ndarray, key: jax.Array, mesh: Mesh | None =
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error (float64, ddof=1) of host values (N,)."""
+    """Mean and its standard error (float64, ddof=1) of host values (N,); the error is nan for N = 1."""
     values = np.asarray(values, np.float64)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
