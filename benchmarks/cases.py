@@ -95,7 +95,7 @@ def gamblers_ruin_state(quick: bool) -> dict:
 
     from jaxdnn import gamblers_ruin as gr
 
-    n = 2**18 if quick else 2**22
+    n = 2**16 if quick else 2**22
     key = jax.random.key(0)
     log(f"gamblers_ruin_state: jaxdnn {n} paths")
     ours = measure(lambda: gr.estimate(key, n, gr.tilt(), **GR), n, 5, compile_time=True)
@@ -162,7 +162,7 @@ def inpainting(quick: bool) -> dict:
     from jaxdnn import inpainting as ip
     from jaxdnn.flows import build_model
 
-    n_images = 100
+    n_images = 10 if quick else 100
     steps = 5 if quick else 300
     n_peer = 2 if quick else 3
     model = build_model("realnvp")
@@ -204,7 +204,7 @@ def flow_train_step(quick: bool) -> dict:
     from jaxdnn.flows import build_model
 
     batch_size = 64
-    reps = 5 if quick else 20
+    reps = 3 if quick else 20
     model = build_model("realnvp")
     batch = _images(batch_size)
     opt = train.make_optimizer(1e-3, 10_000, 100, 1.0)
