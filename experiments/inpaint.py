@@ -81,6 +81,13 @@ def parse_range(text: str) -> tuple[int, int]:
     return start, stop
 
 
+def split_range_error(images: tuple[int, int], split: str) -> str | None:
+    """Why START:STOP does not fit `split` (5000 validation images), or None."""
+    if split == "validation" and images[1] > 5000:
+        return f"--images {images[0]}:{images[1]} is out of range for the 5000 validation images"
+    return None
+
+
 def choice_list(choices):
     """argparse type: 'a,b' -> ['a', 'b'], each one of `choices`."""
     def parse(text: str) -> list[str]:
@@ -120,8 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     distributed.add_arguments(p)
     a = p.parse_args(argv)
-    if a.split == "validation" and a.images[1] > 5000:
-        p.error(f"--images {a.images[0]}:{a.images[1]} is out of range for the 5000 validation images")
+    if split_range_error(a.images, a.split):
+        p.error(split_range_error(a.images, a.split))
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):

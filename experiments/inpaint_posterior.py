@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, print_json, save_figure
-from experiments.inpaint import choice_list, figure, parse_range
+from experiments.inpaint import choice_list, figure, parse_range, split_range_error
 from jaxdnn import inpainting as ip
 from jaxdnn import pretrained
 
@@ -46,8 +46,8 @@ def main(argv=None) -> int:
         fail(PROG, f"--temperature must be > 0, got {a.temperature!r}")
     if a.starts < 2:
         fail(PROG, f"--starts must be >= 2, got {a.starts}")
-    if a.split == "validation" and a.images[1] > 5000:
-        fail(PROG, f"--images {a.images[0]}:{a.images[1]} is out of range for the 5000 validation images")
+    if split_range_error(a.images, a.split):
+        fail(PROG, split_range_error(a.images, a.split))
     try:
         flow = pretrained.load_distribution(a.model)
     except ValueError as e:
@@ -80,8 +80,8 @@ def main(argv=None) -> int:
         out.append(result)
         samples = np.asarray(post.samples)
         panels = [("original", x, None), ("observed", np.where(np.asarray(mask), x, 0.5), None),
-                  ("weighted mean", np.asarray(post.mean), None), ("std x 4", np.clip(4 * np.asarray(post.std), 0, 1),
-                                                                 None)]
+                  ("weighted mean", np.asarray(post.mean), None),
+                  ("std x 4", np.clip(4 * np.asarray(post.std), 0, 1), None)]
         panels += [(f"sample {k + 1}", samples[:, k], None) for k in range(min(5, a.starts))]
         path = Path(a.out) / f"posterior_{pretrained.short_name(a.model)}_{mask_name}.png"
         save_figure(figure(panels, f"{a.model}, {mask_name}, {a.split} images: completions and uncertainty"), path)
