@@ -77,11 +77,13 @@ def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def init_state(model, key: jax.Array, init_batch: np.ndarray, optimizer, params=None, step: int = 0) -> TrainState:
-    """A fresh state at global `step`: `params` if given (weights to continue from), else
-    initialized with a data-dependent pass on `init_batch` (uint8 (B, 28, 28)); a fresh optimizer."""
-    if params is None:
+    """A fresh state at global `step`: `params` if given (weights to continue from; a variational
+    dequantizer they lack starts fresh, i.e. as uniform noise), else initialized with a
+    data-dependent pass on `init_batch` (uint8 (B, 28, 28)); a fresh optimizer."""
+    if params is None or (model.dequantization == "variational" and "dequantizer" not in params["params"]):
         k_deq, k_init = jax.random.split(key)
-        params = jax.jit(model.init)(k_init, dequantize(k_deq, init_batch))
+        fresh = jax.jit(model.init)(k_init, dequantize(k_deq, init_batch))
+        params = fresh if params is None else {"params": {**fresh["params"], **params["params"]}}
     params = jax.tree.map(jnp.asarray, params)
     return TrainState(jnp.asarray(step, jnp.int32), params, optimizer.init(params), jax.tree.map(jnp.copy, params))
 
@@ -94,16 +96,14 @@ def ema_decay(decay: float, count: jax.Array) -> jax.Array:
 
 def make_train_step(model, optimizer, ema: float = 0.0) -> Callable:
     """(state, batch uint8 (B, 28, 28), key) -> (state, metrics): one Adam step on mean bits/dim
-    of the batch dequantized with fold_in(key, step), and the Polyak average of the parameters
+    of the batch dequantized with fold_in(key, step) (`model.pixel_log_prob`), and the Polyak average of the parameters
     with decay `ema` (`ema_decay`); metrics "bpd", "grad_norm", "ok", "lr"."""
 
-    def loss_fn(params, x):
-        bpd = bits_per_dim(model.apply(params, x, method=model.log_prob))
-        return bpd.mean()
+    def loss_fn(params, batch, key):
+        return bits_per_dim(model.apply(params, batch, key, method=model.pixel_log_prob)).mean()
 
     def step(state: TrainState, batch: jax.Array, key: jax.Array):
-        x = dequantize(jax.random.fold_in(key, state.step), batch)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, jax.random.fold_in(key, state.step))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -122,13 +122,13 @@ def make_eval_fn(model, samples: int = 1) -> Callable:
     """(params, batch uint8 (B, 28, 28), key) -> bits/dim per image (B,); one jitted function per
     model configuration and sample count (equal modules share it, so its compilations).
 
-    With `samples` = K > 1, the importance-weighted bound of Burda et al. with K uniform
-    dequantizations u_k (noise 0 from `key`, noise k from fold_in(key, k)):
-    log P(pixels) >= log (1/K) sum_k p((pixels + u_k)/256) / 256^784, so K = 1 is the usual
-    bound and the bound tightens (in expectation) as K grows."""
+    With `samples` = K > 1, the importance-weighted bound of Burda et al. with K dequantizations
+    u_k ~ q (uniform: q = 1, or the model's variational q; noise 0 from `key`, noise k from
+    fold_in(key, k)): log P(pixels) >= log (1/K) sum_k p((pixels + u_k)/256) / (q(u_k) 256^784),
+    so K = 1 is the usual bound and the bound tightens (in expectation) as K grows."""
 
     def log_prob(params, batch, key):
-        return model.apply(params, dequantize(key, batch), method=model.log_prob)
+        return model.apply(params, batch, key, method=model.pixel_log_prob)
 
     def evaluate(params, batch, key):
         if samples == 1:

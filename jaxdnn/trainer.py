@@ -85,13 +85,15 @@ TRAIN_SCHEMA = {  # the training keys of a run's config: type, default, range (o
     "max_bad_streak": Field(int, 100, low=1),
 }
 RUN_KEYS = ("model", "model_config", "train_config", "init_from", "init_step")
+DEQUANTIZER_KEYS = ("dequantization", "dequantizer_hidden", "dequantizer_couplings")
 
 
 def default_config(model: str, init_from: str | None = None, **overrides) -> dict:
     """A complete, checked run config {"model", "model_config", "train_config", "init_from",
     "init_step"}: the defaults updated by `overrides` (model and training keys in one namespace);
     with `init_from` (a shipped name, exported .msgpack or workdir: `jaxdnn.pretrained`) the
-    model config is the source's and the run starts at the source's step. Raises ValueError
+    model config is the source's (a variational dequantizer may join one trained with uniform
+    noise: `DEQUANTIZER_KEYS`) and the run starts at the source's step. Raises ValueError
     (unknown key with its nearest name, type, range) in one line."""
     from jaxdnn import pretrained
     from jaxdnn.flows import config_schema
@@ -102,7 +104,9 @@ def default_config(model: str, init_from: str | None = None, **overrides) -> dic
         info = pretrained.card(init_from)
         if info["model"] != model:
             raise ValueError(f"init_from {init_from} is a {info['model']}, not a {model}")
-        clash = sorted(k for k in overrides if k in info["model_config"] and overrides[k] != info["model_config"][k])
+        source = {**{k: f.default for k, f in model_schema.items()}, **info["model_config"]}
+        free = DEQUANTIZER_KEYS if source["dequantization"] == "uniform" else ()  # a dequantizer may join
+        clash = sorted(k for k in overrides if k in source and k not in free and overrides[k] != source[k])
         if clash:
             raise ValueError(f"init_from {init_from} fixes the model config; drop {clash[0]}")
         overrides, init_step = {**info["model_config"], **overrides}, int(info["steps"])

@@ -266,6 +266,9 @@ class _BinnedDensity(nn.Module):
         bins = jnp.clip(jnp.floor(x * 256), 0, 255).astype(jnp.int32)
         return (log_w[bins] + math.log(256.0)).reshape(x.shape[0], -1).sum(-1)
 
+    def pixel_log_prob(self, pixels, key):  # uniform dequantization, as the flows' default
+        return self.log_prob(train.dequantize(key, pixels))
+
     def __call__(self, x):
         return self.log_prob(x)
 

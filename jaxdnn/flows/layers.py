@@ -115,7 +115,8 @@ class Coupling(FlowLayer):
 
     `mask` lists the last-axis indices that pass through unchanged (x_a); the others
     (x_b) become x_b * exp(log_s(x_a)) + t(x_a) (affine) or x_b + t(x_a) (additive).
-    For images, channel masks after a squeeze are checkerboard masks of the
+    A `context` (B, ..., K) given with x joins x_a as the conditioner's input (a conditional
+    bijector of x given the context: variational dequantization). For images, channel masks after a squeeze are checkerboard masks of the
     unsqueezed image: `checkerboard_mask` gives them.
     """
 
@@ -126,14 +127,15 @@ class Coupling(FlowLayer):
     depth: int = 2
 
     @nn.compact
-    def __call__(self, x, inverse=False):
+    def __call__(self, x, inverse=False, context=None):
         size = x.shape[-1]
         fixed = np.asarray(self.mask, dtype=int)
         change = np.setdiff1d(np.arange(size), fixed)
         order = np.argsort(np.concatenate([fixed, change]))
         x_a, x_b = take_last(x, fixed), take_last(x, change)
         out = len(change) * (2 if self.affine else 1)
-        h = make_conditioner(self.conditioner, out, self.hidden, self.depth)(x_a)
+        inputs = x_a if context is None else jnp.concatenate([x_a, context], -1)
+        h = make_conditioner(self.conditioner, out, self.hidden, self.depth)(inputs)
         t = h[..., : len(change)]
         log_s = bounded_log_scale(h[..., len(change):]) if self.affine else jnp.zeros_like(t)
         if inverse:

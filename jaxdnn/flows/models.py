@@ -8,7 +8,9 @@ for NICE); Glow's learned prior for split latents is a zero-initialized conditio
 layer at the end of each level, so sampling is `decode(temperature * prior noise)`.
 
 Density convention (docs/problems.md, "Conventions"): `log_prob(x)` is in nats w.r.t. Lebesgue measure on
-[0, 1]^784 and includes the preprocessing log-det.
+[0, 1]^784 and includes the preprocessing log-det. `pixel_log_prob(pixels, key)` is what training
+maximizes: one dequantization of 8-bit pixels, uniform or (config `dequantization="variational"`)
+learned (`jaxdnn.flows.dequantization`), minus its log q.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import distrax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from jaxdnn.data.preprocess import dequantize as uniform_dequantize
+from jaxdnn.flows.dequantization import VariationalDequantizer
 
 from jaxdnn.flows.layers import (
     ActNorm,
@@ -43,11 +48,16 @@ class MultiScaleFlow(nn.Module):
     """Base class: subclasses implement `build() -> (preprocess, levels, kept_channels, latent_shapes)`."""
 
     prior: str = "normal"
-    CHOICES: ClassVar[dict] = {}  # allowed values of str config keys
+    dequantization: str = "uniform"  # or "variational": a learned q(u | pixels) (Flow++)
+    dequantizer_hidden: int = 32  # the variational dequantizer's channels ...
+    dequantizer_couplings: int = 4  # ... and couplings (unused with uniform noise)
+    CHOICES: ClassVar[dict] = {"dequantization": ("uniform", "variational")}  # allowed values of str keys
     RANGES: ClassVar[dict] = {"levels_count": (1, 2)}  # (low, high) of int keys other than ">= 1"
 
     def setup(self):
         self.preprocess, self.levels, self.kept_channels, self.shapes = self.build()
+        self.dequantizer = (VariationalDequantizer(self.dequantizer_hidden, self.dequantizer_couplings)
+                            if self.dequantization == "variational" else None)
 
     def build(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -58,6 +68,10 @@ class MultiScaleFlow(nn.Module):
         return distrax.Normal(0.0, 1.0)
 
     def __call__(self, x):
+        """log p(x) (B,) of x (B, 28, 28, 1); `init` through here also creates the dequantizer."""
+        if self.dequantizer is not None and self.is_initializing():
+            pixels = jnp.clip(jnp.floor(x * 256.0), 0.0, 255.0)
+            self.dequantizer(pixels, jnp.zeros_like(x))
         return self.log_prob(x)
 
     def encode(self, x):
@@ -100,6 +114,21 @@ class MultiScaleFlow(nn.Module):
         latents, log_det = self.encode(x)
         return log_det + self.prior_log_prob(latents)
 
+    def dequantize(self, pixels, key):
+        """uint8 pixels (B, 28, 28) -> (x = (pixels + u) / 256 (B, 28, 28, 1), log q(u | pixels) (B,)):
+        u uniform (log q = 0) or drawn from the variational dequantizer, with noise from `key`."""
+        if self.dequantizer is None:
+            return uniform_dequantize(key, pixels), jnp.zeros(pixels.shape[:1])
+        pixels = jnp.asarray(pixels, jnp.float32)[..., None]
+        u, log_q = self.dequantizer(pixels, jax.random.logistic(key, pixels.shape))
+        return (pixels + u) / 256.0, log_q
+
+    def pixel_log_prob(self, pixels, key):
+        """One-sample bound (B,): log p(x) - log q(u | pixels) at x = (pixels + u) / 256 (`dequantize`);
+        its expectation is at most log P(pixels) + 784 log 256 (`bits_per_dim` turns it into bits/dim)."""
+        x, log_q = self.dequantize(pixels, key)
+        return self.log_prob(x) - log_q
+
     def latent_shapes(self):
         """Per-example shapes of the latents `encode` returns."""
         return self.shapes
@@ -122,7 +151,7 @@ class NICE(MultiScaleFlow):
     depth: int = 5
     preprocessing: str = "none"  # "none" (the course: x in [0, 1]) or "logit"
     prior: str = "logistic"
-    CHOICES: ClassVar[dict] = {"preprocessing": ("none", "logit")}
+    CHOICES: ClassVar[dict] = {**MultiScaleFlow.CHOICES, "preprocessing": ("none", "logit")}
 
     def build(self):
         d = 784
