@@ -213,6 +213,11 @@ def test_default_config_is_complete_and_checked():
             trainer.default_config("realnvp", **bad)
     with pytest.raises(ValueError, match="model required"):
         trainer.check_run_config({"train_config": {}})
+    # Continuing shipped weights fixes the flow, but a variational dequantizer may join them.
+    config = trainer.default_config("realnvp", init_from="realnvp", dequantization="variational")
+    assert config["model_config"]["dequantization"] == "variational" and config["init_step"] > 0
+    with pytest.raises(ValueError, match="fixes the model config; drop hidden"):
+        trainer.default_config("realnvp", init_from="realnvp", hidden=32)
 
 
 @pytest.mark.mnist
