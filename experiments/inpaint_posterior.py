@@ -1,10 +1,14 @@
 """Posterior completions with uncertainty: `python -m experiments.inpaint_posterior --model realnvp
---mask top_half,center --split validation --images 0:32 [--temperature inf,1000,300,100] [--json]`.
+--mask top_half,center --split validation --images 0:32 [--temperature inf,1000,300,100]
+[--calibrate 100:200] [--json]`.
 
 For each mask: the `latent` method's searches as a weighted sample (`inpaint_posterior`), scored
 at each temperature of the weights: PSNR of the weighted mean over the missing pixels, the
 fraction of true missing pixels inside the per-pixel 90% interval (calibration: 0.90 is the
-target), the mean effective sample size; beside knn_mean over as many neighbours as starts.
+target) and its mean width, the mean effective sample size; beside knn_mean over as many
+neighbours as starts. With `--calibrate`, the intervals are widened by the split-conformal margin
+(`Posterior.interval_margin`) computed on that range of validation images (disjoint from the
+scored ones), and the coverage and width of the calibrated intervals are reported too.
 Writes a figure per mask: the first 10 images, observed pixels, the weighted mean, the
 per-pixel standard deviation and 5 completions (at the first temperature).
 """
@@ -35,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--starts", type=int, default=ip.LATENT_DEFAULTS["starts"], help="searches per image")
     p.add_argument("--temperature", default=f"inf,1000,{ip.POSTERIOR_TEMPERATURE:g},100,30,10", metavar="T[,T...]",
                    help="weight temperatures to score (default: a sweep; inf = equal weights)")
+    p.add_argument("--calibrate", type=parse_range, default=None, metavar="START:STOP",
+                   help="validation images to calibrate the 90%% intervals on (conformal margin)")
     p.add_argument("--out", default="results")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -48,6 +54,12 @@ def main(argv=None) -> int:
         fail(PROG, f"--starts must be >= 2, got {a.starts}")
     if split_range_error(a.images, a.split):
         fail(PROG, split_range_error(a.images, a.split))
+    if a.calibrate is not None:
+        if split_range_error(a.calibrate, "validation"):
+            fail(PROG, "--calibrate: " + split_range_error(a.calibrate, "validation"))
+        if a.split == "validation" and max(a.images[0], a.calibrate[0]) < min(a.images[1], a.calibrate[1]):
+            fail(PROG, f"--calibrate {a.calibrate[0]}:{a.calibrate[1]} overlaps the scored validation images "
+                       f"{a.images[0]}:{a.images[1]}")
     try:
         flow = pretrained.load_distribution(a.model)
     except ValueError as e:
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
     try:
         x = np.asarray(to_unit_interval(load_mnist(a.split)[0][a.images[0]:a.images[1]]))
         train = to_unit_interval(load_mnist("train")[0])
+        held = None if a.calibrate is None else np.asarray(
+            to_unit_interval(load_mnist("validation")[0][a.calibrate[0]:a.calibrate[1]]))
     except OSError as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
     out = []
@@ -66,16 +80,22 @@ def main(argv=None) -> int:
         post = ip.inpaint_posterior(flow, x, mask, reference=train, starts=a.starts, temperature=temperatures[0])
         missing = ~np.broadcast_to(np.asarray(mask), x.shape)
         knn = float(np.mean(ip.masked_psnr(ip.knn_mean(x, mask, train, k=a.starts), x, mask)))
+        held_post = None if held is None else ip.inpaint_posterior(flow, held, mask, reference=train, starts=a.starts)
+        width = lambda lo, hi: float(np.mean((np.asarray(hi) - np.asarray(lo))[missing]))
         rows = []
         for t in temperatures:
             weighted = post.at_temperature(t)
-            lo, hi = (np.asarray(v) for v in weighted.interval(0.9))
             rows.append({"temperature": t if math.isfinite(t) else "inf",
                          "psnr": float(np.mean(ip.masked_psnr(weighted.mean, x, mask))),
-                         "coverage90": float(((lo <= x) & (x <= hi))[missing].mean()),
+                         "coverage90": weighted.coverage(x, mask), "width90": width(*weighted.interval(0.9)),
                          "ess": float(np.mean(weighted.ess))})
+            if held_post is not None:
+                margin = held_post.at_temperature(t).interval_margin(held, mask)
+                rows[-1].update(margin=margin, coverage90_calibrated=weighted.coverage(x, mask, margin=margin),
+                                width90_calibrated=width(*weighted.interval(0.9, margin)))
         result = {"model": a.model, "mask": mask_name, "split": a.split, "images": f"{a.images[0]}:{a.images[1]}",
                   "starts": a.starts, "knn_matched_psnr": knn, "by_temperature": rows,
+                  "calibrated_on": None if held is None else f"validation {a.calibrate[0]}:{a.calibrate[1]}",
                   "seconds": round(time.time() - t0, 1)}
         out.append(result)
         samples = np.asarray(post.samples)
@@ -89,8 +109,10 @@ def main(argv=None) -> int:
             print(f"{a.model} {mask_name} ({a.split} {result['images']}, {a.starts} starts): knn_mean of "
                   f"{a.starts} {knn:.3f} dB; figure {path}")
             for r in rows:
-                print(f"  T={r['temperature']:>6}  PSNR {r['psnr']:.3f} dB  90% coverage {r['coverage90']:.3f}  "
-                      f"ESS {r['ess']:.2f}")
+                calibrated = ("" if "margin" not in r else f"  calibrated (margin {r['margin']:.3f}): coverage "
+                              f"{r['coverage90_calibrated']:.3f} width {r['width90_calibrated']:.3f}")
+                print(f"  T={r['temperature']:>6}  PSNR {r['psnr']:.3f} dB  90% coverage {r['coverage90']:.3f} width "
+                      f"{r['width90']:.3f}  ESS {r['ess']:.2f}{calibrated}")
     if a.json:
         print_json(out)
     return 0

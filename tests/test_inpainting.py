@@ -545,7 +545,30 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
         ip.inpaint_posterior(flow, x, mask)
 
 
+def test_conformal_margin_widens_intervals_to_the_level_on_held_out_images():
+    """Two equal samples per image (the interval is a point) and targets off by known amounts: the
+    margin is the ceil((n + 1) 0.9)-th smallest miss of the n missing pixels, it covers that many
+    of them, and no smaller margin covers 90%; intervals stay inside [0, 1]."""
+    rng = np.random.default_rng(0)
+    mask = np.ones((2, 28, 28, 1), bool)
+    mask[:, 10:15, 10:14] = False  # 20 missing pixels per image, n = 40
+    guess = np.full((2, 2, 28, 28, 1), 0.5, np.float32)
+    targets = np.full((2, 28, 28, 1), 0.5, np.float32)
+    misses = rng.permutation(np.arange(1, 41)) / 100.0  # distinct misses 0.01 .. 0.40
+    targets[~mask] = 0.5 + misses * np.where(rng.random(40) < 0.5, -1, 1)
+    weights = np.full((2, 2), 0.5, np.float32)
+    post = ip.Posterior(guess, weights, guess[:, 0], np.zeros_like(targets), np.full(2, 2.0), np.zeros((2, 2)))
+    margin = post.interval_margin(targets, mask, 0.9)
+    assert margin == pytest.approx(0.37)  # ceil(41 * 0.9) = 37: the 37th smallest miss
+    assert post.coverage(targets, mask, 0.9, margin) == pytest.approx(37 / 40)
+    assert post.coverage(targets, mask, 0.9, margin - 0.011) < 0.9
+    assert post.coverage(targets, mask) == 0.0
+    lo, hi = post.interval(0.9, margin=0.6)
+    assert float(np.min(lo)) == 0.0 and float(np.max(hi)) == 1.0
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--calibrate", "0:10"], "overlaps the scored validation images"),
     (["--temperature", "0,1"], "--temperature must be > 0"),
     (["--temperature", "hot"], "must be numbers"),
     (["--starts", "1"], "--starts must be >= 2"),

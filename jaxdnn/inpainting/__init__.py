@@ -186,9 +186,35 @@ class Posterior(NamedTuple):
         """The same samples weighted by softmax(-E / temperature) (no search rerun)."""
         return _weigh(self.samples, self.energy, jnp.float32(temperature))
 
-    def interval(self, level: float = 0.9) -> tuple[jax.Array, jax.Array]:
+    def interval(self, level: float = 0.9, margin: float = 0.0) -> tuple[jax.Array, jax.Array]:
         """Per-pixel weighted (1 - level)/2 and (1 + level)/2 quantiles of the samples, each
-        (B, H, W, C): the central `level` interval."""
+        (B, H, W, C): the central `level` interval of the sample, widened by `margin` on each side
+        and clipped to [0, 1] (`interval_margin` calibrates it on held-out images)."""
+        lo, hi = self._quantiles(level)
+        return jnp.clip(lo - margin, 0.0, 1.0), jnp.clip(hi + margin, 0.0, 1.0)
+
+    def coverage(self, targets, masks, level: float = 0.9, margin: float = 0.0) -> float:
+        """The fraction of the missing pixels (mask False) of `targets` (B, H, W, C) inside their
+        `interval(level, margin)`: `level` for calibrated intervals."""
+        lo, hi = (np.asarray(v) for v in self.interval(level, margin))
+        targets = np.asarray(targets)
+        missing = ~np.broadcast_to(np.asarray(masks, bool), targets.shape)
+        return float(((lo <= targets) & (targets <= hi))[missing].mean())
+
+    def interval_margin(self, targets, masks, level: float = 0.9) -> float:
+        """The split-conformal margin (Vovk et al.; Angelopoulos & Bates 2021) for these images
+        held out from the ones it will serve: the smallest m with at least a `level` fraction of
+        the missing pixels of `targets` inside `interval(level, m)`: the ceil((n + 1) level)-th
+        smallest of the n scores max(lo - y, y - hi, 0) (the finite-sample correction). Pixels of
+        one image are not exchangeable, images are: read the coverage it gives on other images."""
+        lo, hi = (np.asarray(v, np.float64) for v in self._quantiles(level))
+        targets = np.asarray(targets, np.float64)
+        missing = ~np.broadcast_to(np.asarray(masks, bool), targets.shape)
+        scores = np.maximum(np.maximum(lo - targets, targets - hi), 0.0)[missing]
+        k = min(scores.size, math.ceil((scores.size + 1) * level))
+        return float(np.sort(scores)[k - 1])
+
+    def _quantiles(self, level: float) -> tuple[jax.Array, jax.Array]:
         order = jnp.argsort(self.samples, axis=1)
         values = jnp.take_along_axis(self.samples, order, 1)
         w = jnp.take_along_axis(jnp.broadcast_to(self.weights[:, :, None, None, None], self.samples.shape), order, 1)
