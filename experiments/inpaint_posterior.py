@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         missing = ~np.broadcast_to(np.asarray(mask), x.shape)
         knn = float(np.mean(ip.masked_psnr(ip.knn_mean(x, mask, train, k=a.starts), x, mask)))
         held_post = None if held is None else ip.inpaint_posterior(flow, held, mask, reference=train, starts=a.starts)
-        width = lambda lo, hi: float(np.mean((np.asarray(hi) - np.asarray(lo))[missing]))
+        width = lambda lo, hi, missing=missing: float(np.mean((np.asarray(hi) - np.asarray(lo))[missing]))
         rows = []
         for t in temperatures:
             weighted = post.at_temperature(t)

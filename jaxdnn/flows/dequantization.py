@@ -13,7 +13,6 @@ log q = 0, the bound of uniform dequantization, also for a flow trained with uni
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxdnn.flows.layers import Coupling, checkerboard_mask, squeeze, unsqueeze

@@ -116,7 +116,8 @@ class Coupling(FlowLayer):
     `mask` lists the last-axis indices that pass through unchanged (x_a); the others
     (x_b) become x_b * exp(log_s(x_a)) + t(x_a) (affine) or x_b + t(x_a) (additive).
     A `context` (B, ..., K) given with x joins x_a as the conditioner's input (a conditional
-    bijector of x given the context: variational dequantization). For images, channel masks after a squeeze are checkerboard masks of the
+    bijector of x given the context: variational dequantization).
+    For images, channel masks after a squeeze are checkerboard masks of the
     unsqueezed image: `checkerboard_mask` gives them.
     """
 

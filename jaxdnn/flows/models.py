@@ -26,7 +26,6 @@ from flax import linen as nn
 
 from jaxdnn.data.preprocess import dequantize as uniform_dequantize
 from jaxdnn.flows.dequantization import VariationalDequantizer
-
 from jaxdnn.flows.layers import (
     ActNorm,
     Chain,
