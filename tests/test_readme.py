@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TINY_GLOW = ["--config.levels_count=1", "--config.steps_per_level=1", "--config.hidden=8", "--config.batch_size=8",
-             "--config.log_every=1", "--config.eval_every=1000", "--config.eval_images=16", "--quiet"]
+             "--config.log_every=1", "--config.eval_every=1000", "--config.eval_images=16", "--quiet",
+             "--config.dequantizer_hidden=4", "--config.dequantizer_couplings=2"]
 TINY_STEPS = {"3000": "4", "6000": "7", "100": "2"}  # the recipe's step counts, scaled down
 
 

@@ -33,7 +33,8 @@ class VariationalDequantizer(nn.Module):
     @nn.compact
     def __call__(self, pixels: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
         """pixels (B, 28, 28, 1) as floats in {0, ..., 255}, eps (B, 28, 28, 1) logistic noise ->
-        (u (B, 28, 28, 1) in (0, 1), log q(u | pixels) (B,) in nats on the unit cube)."""
+        (u (B, 28, 28, 1) in (0, 1), log q(u | pixels) (B,) in nats on the unit cube); any even
+        height and width work the same."""
         context = nn.relu(nn.Conv(self.hidden, (3, 3))(squeeze(pixels / 127.5 - 1.0)))  # (B, 14, 14, hidden)
         h, log_det = squeeze(eps), 0.0
         for i in range(self.couplings):
