@@ -195,8 +195,8 @@ def export(name: str, workdir: Path, directory: Path) -> int:
         "test_bpd_stderr": round(scores["test"]["bpd_stderr"], 5),
         "test_images": scores["test"]["images"],
         "test_bpd_first256": round(float(scores["test"]["per_image"][:256].mean()), 5),
-        "evaluation": "uniform dequantization with the run's eval key, python -m experiments.evaluate_flow --model "
-                      + name,
+        "evaluation": f"{config['model_config'].get('dequantization', 'uniform')} dequantization (one sample per "
+                      f"image, K = 1) with the run's eval key, python -m experiments.evaluate_flow --model {name}",
         "parameters": int(sum(x.size for x in jax.tree.leaves(state.ema_params))),
         "validation_curve": validation_curve(workdir / "metrics.jsonl"),
     }
