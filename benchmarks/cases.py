@@ -237,6 +237,17 @@ def flow_train_step(quick: bool) -> dict:
         return _measure_torch(lambda: tstep(tb), dev, batch_size, reps, warmup=2)
 
     _torch_peer("torch", peers, torch_step)
+    if not quick:  # what variational dequantization costs per step (the same model and batch, this run)
+        vd_model = build_model("realnvp", dequantization="variational")
+        vd_step = train.make_train_step(vd_model, opt)
+        vd_holder = [train.init_state(vd_model, jax.random.key(0), batch, opt)]
+
+        def one_vd():
+            vd_holder[0], metrics = vd_step(vd_holder[0], batch_dev, key)
+            return metrics
+
+        log("flow_train_step: the same RealNVP with variational dequantization")
+        peers["jaxdnn_variational_dequantization"] = measure(one_vd, batch_size, reps, warmup=2, compile_time=True)
     return {"name": "flow_train_step", "unit": "images/s", "jaxdnn": ours, "peers": peers}
 
 
