@@ -5,7 +5,8 @@
 Cases: gamblers_ruin (paths/s; peers: pure-Python loop, vectorized NumPy), sgd_tricks
 (iterations/s; peer: course-style PyTorch loop), inpainting (images/s; peers: PyTorch one
 image at a time, and batched), flow_train_step (images/s; peer: the same RealNVP in
-PyTorch; without --quick also our RealNVP with variational dequantization, its cost). Each case: warm-up, compile time measured separately, `jax.block_until_ready`,
+PyTorch; without --quick also our RealNVP with variational dequantization, its cost).
+Each case: warm-up, compile time measured separately, `jax.block_until_ready`,
 median/min/max of >= 5 timed runs, the peers timed in the same invocation, ratios
 jaxdnn / peer (higher is better).
 A missing optional peer (torch not installed) is reported as missing.

@@ -274,6 +274,25 @@ def test_latent_methods_reach_the_linear_gaussian_posterior(method, key):
         np.testing.assert_allclose(out[i], want, atol=2e-3)
 
 
+def test_a_variationally_dequantized_flow_starts_where_its_dequantizer_puts_the_neighbours(flow_runs):
+    """With variational dequantization, zero steps return the mean of the k nearest reference
+    images as the flow's q dequantizes them (fixed noise), each inside its pixel's bin."""
+    name, cfg = TINY_FLOW
+    model = build_model(name, **cfg, dequantization="variational", dequantizer_hidden=4, dequantizer_couplings=1)
+    params = perturb(jax.jit(model.init)(jax.random.key(0), flow_images()), jax.random.key(1), scale=0.2)
+    flow = ip.as_flow(model, params)
+    assert flow.dequantize is not None and flow_runs["flow"].dequantize is None
+    x, mask = flow_images()[:2], ip.make_mask("top_half")
+    pixels = synthetic_pixels(6, 12)
+    reference = jnp.asarray(to_unit_interval(pixels))
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference)
+    nearest = np.asarray(ip.nearest_training_images(x, mask, reference, 3))
+    starts = jax.jit(flow.dequantize)(pixels[nearest.reshape(-1)], jax.random.key(ip.latent.START_SEED))
+    want = jnp.where(mask, x, np.asarray(starts).reshape(2, 3, 28, 28, 1).mean(1))
+    np.testing.assert_allclose(zero, want, atol=1e-4)
+    assert np.abs(np.asarray(zero) - ip.knn_mean(x, mask, reference, k=3)).max() < 1 / 256
+
+
 def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     """With a reference set the searches start from encodings of the nearest images: no key
     needed, deterministic, and zero steps return the mean of those starts' decodings, which for

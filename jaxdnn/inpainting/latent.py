@@ -16,6 +16,10 @@ points decode to typical digits, and the decoder keeps every candidate on the fl
   approximated by averaging the decoded fills of `starts` such searches from different starts:
   the encodings of the `starts` training images nearest on the observed pixels when a
   `reference` set is given (diverse, plausible modes), else `init_scale` times prior noise.
+  A flow trained with variational dequantization encodes each neighbour's pixels as its own
+  dequantizer places them inside their bins (`Flow.dequantize`): its density sits where q put
+  the noise, and searches from pixel centres drift off (validation, top_half, 20 images: 1.8 dB
+  under the neighbours' mean after 60 steps, against 0.46 dB over it from q's noise).
 
 Both end with the projection onto C (observed pixels exact, values clipped to [0, 1]). Every
 step is E's gradient through the decoder, so one step costs about one pixel-space step.
@@ -51,12 +55,15 @@ class Flow(NamedTuple):
     leaves are its parameters, so jitted code takes them as arguments and compiles once.
 
     log_prob: x (B, H, W, C) -> (B,); encode: x -> list of latents; decode: latents -> x;
-    prior_log_prob: latents -> (B,), the log-density of the latents under the prior."""
+    prior_log_prob: latents -> (B,), the log-density of the latents under the prior;
+    dequantize: (uint8 pixels (B, H, W), key) -> x (B, H, W, C) by the flow's variational
+    dequantizer, or None (uniform noise: reference images are encoded at their pixel centres)."""
 
     log_prob: jax.tree_util.Partial
     encode: jax.tree_util.Partial
     decode: jax.tree_util.Partial
     prior_log_prob: jax.tree_util.Partial
+    dequantize: jax.tree_util.Partial | None = None
 
 
 @functools.cache
@@ -73,12 +80,16 @@ def _methods(model):
     def prior_log_prob(params, latents):
         return model.apply(params, list(latents), method=model.prior_log_prob)
 
-    return log_prob, encode, decode, prior_log_prob
+    def dequantize(params, pixels, key):
+        return model.apply(params, pixels, key, method=model.dequantize)[0]
+
+    return log_prob, encode, decode, prior_log_prob, dequantize
 
 
 def as_flow(model, params) -> Flow:
     """The `Flow` of a Flax flow from `jaxdnn.flows` (one compilation per model and shape)."""
-    return Flow(*(jax.tree_util.Partial(f, params) for f in _methods(model)))
+    *methods, dequantize = (jax.tree_util.Partial(f, params) for f in _methods(model))
+    return Flow(*methods, dequantize if getattr(model, "dequantization", "uniform") == "variational" else None)
 
 
 def latent_energy(flow: Flow, latents, images, masks, noise_std, prior_weight) -> jax.Array:
@@ -139,6 +150,8 @@ def _finish_jit(flow, latents, images, masks, hyper):
 
 
 _encode = jax.jit(lambda flow, x: flow.encode(x))
+_dequantize = jax.jit(lambda flow, pixels, key: flow.dequantize(pixels, key))
+START_SEED = 0  # the dequantizer's noise for reference starts: jax.random.key(START_SEED)
 
 
 def latent_map(flow: Flow, images, masks, hyper, steps: int):
@@ -162,13 +175,18 @@ def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, 
     """All `starts` searches of every image as one batch of B * K searches (one compilation).
 
     reference: float training images (N, H, W, C): search k starts from the encoding of the
-    k-th nearest on the observed pixels; None: from `init_scale` * N(0, I) drawn from
-    fold_in(keys[b], k) for image b."""
+    k-th nearest on the observed pixels (dequantized by the flow's q if it has one); None: from
+    `init_scale` * N(0, I) drawn from fold_in(keys[b], k) for image b."""
     b = images.shape[0]
     shapes = jax.eval_shape(flow.encode, images)
     if reference is not None:
         nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
-        start = jnp.clip(jnp.asarray(reference)[nearest.reshape(-1)], START_MARGIN, 1.0 - START_MARGIN)
+        start = jnp.asarray(reference)[nearest.reshape(-1)]
+        if flow.dequantize is None:
+            start = jnp.clip(start, START_MARGIN, 1.0 - START_MARGIN)
+        else:  # where the flow's dequantizer puts these pixels (fixed noise: deterministic)
+            pixels = jnp.clip(jnp.floor(start[..., 0] * 256.0), 0, 255).astype(jnp.uint8)
+            start = _dequantize(flow, pixels, jax.random.key(START_SEED))
         z0 = _encode(flow, start)  # image-major: row b * K + k
     else:
         z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
