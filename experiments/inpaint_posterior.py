@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--images", type=parse_range, default=(0, 32), metavar="START:STOP")
     p.add_argument("--starts", type=int, default=ip.LATENT_DEFAULTS["starts"], help="searches per image")
-    p.add_argument("--temperature", default=f"inf,1000,{ip.POSTERIOR_TEMPERATURE:g},100,30,10", metavar="T[,T...]",
+    p.add_argument("--temperature", default=f"inf,1000,{ip.LATENT_DEFAULTS['temperature']:g},100,30,10",
+                   metavar="T[,T...]",
                    help="weight temperatures to score (default: a sweep; inf = equal weights)")
     p.add_argument("--calibrate", type=parse_range, default=None, metavar="START:STOP",
                    help="validation images to calibrate the 90%% intervals on (conformal margin)")

@@ -285,7 +285,8 @@ def test_a_variationally_dequantized_flow_starts_where_its_dequantizer_puts_the_
     x, mask = flow_images()[:2], ip.make_mask("top_half")
     pixels = synthetic_pixels(6, 12)
     reference = jnp.asarray(to_unit_interval(pixels))
-    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference)
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference,
+                      temperature=np.inf)
     nearest = np.asarray(ip.nearest_training_images(x, mask, reference, 3))
     starts = jax.jit(flow.dequantize)(pixels[nearest.reshape(-1)], jax.random.key(ip.latent.START_SEED))
     want = jnp.where(mask, x, np.asarray(starts).reshape(2, 3, 28, 28, 1).mean(1))
@@ -300,7 +301,8 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
     margin = ip.latent.START_MARGIN
-    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference)
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference,
+                      temperature=np.inf)  # equal weights
     want = ip.knn_mean(x, mask, jnp.clip(reference, margin, 1 - margin), k=3)
     np.testing.assert_allclose(zero, want, atol=1e-4)
     out = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
@@ -548,8 +550,11 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
     np.testing.assert_array_equal(np.asarray(post.samples)[obs], originals[obs])
     np.testing.assert_allclose(post.weights, 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(post.ess, 3.0, rtol=1e-5)
-    latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
+    latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
+                        temperature=np.inf)
     np.testing.assert_allclose(post.mean, latent, atol=1e-6)
+    default = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
+    np.testing.assert_allclose(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).mean, default, atol=1e-6)
     cold = post.at_temperature(1e-3)  # all weight on the lowest energy
     best = np.asarray(post.energy).argmin(1)
     np.testing.assert_allclose(cold.weights, np.eye(3)[best], atol=1e-6)

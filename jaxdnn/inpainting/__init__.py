@@ -10,8 +10,8 @@ families, every one ending inside the constraint set C (observed pixels bit-for-
   missing pixels at 1), ``annealed`` (projected, Adam-preconditioned Langevin with annealing),
   ``langevin`` (posterior mean of Langevin chains in logit coordinates);
 - latent space (`latent.py`): ``latent_map`` (the MAP of the flow's latents given the observed
-  pixels, decoded) and ``latent`` (the average of several such searches: the posterior mean
-  that PSNR rewards).
+  pixels, decoded) and ``latent`` (several such searches weighted by their posterior energies:
+  the posterior mean that PSNR rewards; `inpaint_posterior` returns the searches themselves).
 
 Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`).
 """
@@ -227,17 +227,13 @@ class Posterior(NamedTuple):
         return quantile((1.0 - level) / 2), quantile((1.0 + level) / 2)
 
 
-POSTERIOR_TEMPERATURE = 300.0  # on validation images 0..31 (RealNVP, top_half and center), the weighted
-# mean's PSNR peaked here (+0.03 dB over equal weights; 30: -0.1 dB, 10: -0.6 dB): README, docs/inpainting.md
-
-
 def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, reference=None,
-                      starts: int | None = None, temperature: float = POSTERIOR_TEMPERATURE,
+                      starts: int | None = None, temperature: float = LATENT_DEFAULTS["temperature"],
                       steps: int | None = None, **options) -> Posterior:
     """K = `starts` completions of each image with their weights (`Posterior`): the `latent`
     method's searches (from the nearest `reference` images' encodings, else prior noise from
-    `key`), weighted by softmax(-E / temperature) (inf: equal weights, so `mean` is exactly
-    `inpaint(..., method="latent")`). image (H, W, C) or (B, H, W, C); the result always has
+    `key`), weighted by softmax(-E / temperature) (inf: equal weights); `mean` is exactly
+    `inpaint(..., method="latent")` at the same temperature. image (H, W, C) or (B, H, W, C); the result always has
     the batch axis. `options`: the `latent` method's (lr, noise_std, prior_weight, init_scale)."""
     if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"temperature must be > 0 (inf: equal weights), got {temperature!r}")
@@ -268,7 +264,7 @@ def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, r
 
 @jax.jit
 def _weigh(fills, energy, temperature) -> Posterior:
-    weights = jax.nn.softmax(-energy / temperature, axis=1)  # inf: 0 / inf = 0 -> uniform
+    weights = latent.posterior_weights(energy, temperature)
     w = weights[:, :, None, None, None]
     mean = (w * fills).sum(1)
     std = jnp.sqrt(jnp.maximum((w * (fills - mean[:, None]) ** 2).sum(1), 0.0))
@@ -294,7 +290,10 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     for name, value in hyper.items():
-        if not (isinstance(value, jax.core.Tracer) or math.isfinite(float(value))):
+        if name == "temperature" and not isinstance(value, jax.core.Tracer):
+            if not float(value) > 0:
+                raise ValueError(f"temperature must be > 0 (inf: equal weights), got {value!r}")
+        elif not (isinstance(value, jax.core.Tracer) or math.isfinite(float(value))):
             raise ValueError(f"{name} must be finite, got {value!r}")
     concrete = {k: float(v) for k, v in hyper.items() if not isinstance(v, jax.core.Tracer)}
     if "init" in concrete and not 0.0 <= concrete["init"] <= 1.0:
