@@ -205,22 +205,25 @@ def flow_train_step(quick: bool) -> dict:
 
     batch_size = 64
     reps = 3 if quick else 20
-    model = build_model("realnvp")
     batch = _images(batch_size)
-    opt = train.make_optimizer(1e-3, 10_000, 100, 1.0)
-    state = train.init_state(model, jax.random.key(0), batch, opt)
-    n_params = _jax_param_count(state.params)
-    step = train.make_train_step(model, opt)
-    key = jax.random.key(1)
     batch_dev = jax.device_put(batch)
-    holder = [state]
+    opt = train.make_optimizer(1e-3, 10_000, 100, 1.0)
 
-    def one():
-        holder[0], metrics = step(holder[0], batch_dev, key)
-        return metrics
+    def timed_steps(model):
+        """Images/s of `train.make_train_step(model, opt)` on one batch, compile time included."""
+        holder = [train.init_state(model, jax.random.key(0), batch, opt)]
+        step, key = train.make_train_step(model, opt), jax.random.key(1)
 
+        def one():
+            holder[0], metrics = step(holder[0], batch_dev, key)
+            return metrics
+
+        return measure(one, batch_size, reps, warmup=2, compile_time=True)
+
+    model = build_model("realnvp")
+    n_params = _jax_param_count(train.init_state(model, jax.random.key(0), batch, opt).params)
     log(f"flow_train_step: RealNVP ({n_params} params), batch {batch_size}")
-    ours = measure(one, batch_size, reps, warmup=2, compile_time=True)
+    ours = timed_steps(model)
     peers: dict = {}
 
     def torch_step():
@@ -238,16 +241,8 @@ def flow_train_step(quick: bool) -> dict:
 
     _torch_peer("torch", peers, torch_step)
     if not quick:  # what variational dequantization costs per step (the same model and batch, this run)
-        vd_model = build_model("realnvp", dequantization="variational")
-        vd_step = train.make_train_step(vd_model, opt)
-        vd_holder = [train.init_state(vd_model, jax.random.key(0), batch, opt)]
-
-        def one_vd():
-            vd_holder[0], metrics = vd_step(vd_holder[0], batch_dev, key)
-            return metrics
-
         log("flow_train_step: the same RealNVP with variational dequantization")
-        peers["jaxdnn_variational_dequantization"] = measure(one_vd, batch_size, reps, warmup=2, compile_time=True)
+        peers["jaxdnn_variational_dequantization"] = timed_steps(build_model("realnvp", dequantization="variational"))
     return {"name": "flow_train_step", "unit": "images/s", "jaxdnn": ours, "peers": peers}
 
 

@@ -79,21 +79,19 @@ def main(argv=None) -> int:
         t0 = time.time()
         mask = ip.make_mask(mask_name)
         post = ip.inpaint_posterior(flow, x, mask, reference=train, starts=a.starts, temperature=temperatures[0])
-        missing = ~np.broadcast_to(np.asarray(mask), x.shape)
         knn = float(np.mean(ip.masked_psnr(ip.knn_mean(x, mask, train, k=a.starts), x, mask)))
         held_post = None if held is None else ip.inpaint_posterior(flow, held, mask, reference=train, starts=a.starts)
-        width = lambda lo, hi, missing=missing: float(np.mean((np.asarray(hi) - np.asarray(lo))[missing]))
         rows = []
         for t in temperatures:
             weighted = post.at_temperature(t)
             rows.append({"temperature": t if math.isfinite(t) else "inf",
                          "psnr": float(np.mean(ip.masked_psnr(weighted.mean, x, mask))),
-                         "coverage90": weighted.coverage(x, mask), "width90": width(*weighted.interval(0.9)),
+                         "coverage90": weighted.coverage(x, mask), "width90": weighted.width(mask),
                          "ess": float(np.mean(weighted.ess))})
             if held_post is not None:
                 margin = held_post.at_temperature(t).interval_margin(held, mask)
                 rows[-1].update(margin=margin, coverage90_calibrated=weighted.coverage(x, mask, margin=margin),
-                                width90_calibrated=width(*weighted.interval(0.9, margin)))
+                                width90_calibrated=weighted.width(mask, margin=margin))
         result = {"model": a.model, "mask": mask_name, "split": a.split, "images": f"{a.images[0]}:{a.images[1]}",
                   "starts": a.starts, "knn_matched_psnr": knn, "by_temperature": rows,
                   "calibrated_on": None if held is None else f"validation {a.calibrate[0]}:{a.calibrate[1]}",

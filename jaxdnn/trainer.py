@@ -151,8 +151,11 @@ def _check_workdir(workdir: Path, config: dict) -> None:
         diff.append(f"steps: {old['train_config']['steps']} -> {config['train_config']['steps']} (only a larger "
                     "steps extends a run)")
     if diff:
-        raise ValueError(f"{workdir} holds another run ({'; '.join(diff)}); use a new workdir, or the same "
-                         "config to resume")
+        advice = "use a new workdir, or the same config to resume"
+        if old["init_from"] == config["init_from"] and old["init_step"] != config["init_step"]:
+            advice = (f"{config['init_from']} has changed since this run started from it: continue from it as a "
+                      "new stage in a new workdir")
+        raise ValueError(f"{workdir} holds another run ({'; '.join(diff)}); {advice}")
 
 
 def _append_stage(path: Path, command: str, start: int, steps: int) -> None:

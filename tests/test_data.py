@@ -140,6 +140,13 @@ def test_dequantize_stays_in_its_pixel_bin(key):
     np.testing.assert_array_equal(jnp.floor(x * 256).astype(jnp.int32)[..., 0], pixels)
 
 
+def test_to_pixels_inverts_every_value_of_a_bin(key):
+    pixels = jnp.arange(256, dtype=jnp.uint8).reshape(1, 16, 16)
+    np.testing.assert_array_equal(data.to_pixels(data.to_unit_interval(pixels)), pixels)
+    np.testing.assert_array_equal(data.to_pixels(data.dequantize(key, pixels)), pixels)
+    np.testing.assert_array_equal(data.to_pixels(jnp.array([-0.1, 1.0, 1.5]).reshape(1, 1, 3, 1)), [[[0, 255, 255]]])
+
+
 def test_batches_are_deterministic_and_resumable(key):
     values = np.arange(100)
     stream = data.batches(key, values, 16)

@@ -587,6 +587,7 @@ def test_conformal_margin_widens_intervals_to_the_level_on_held_out_images():
     assert post.coverage(targets, mask, 0.9, margin) == pytest.approx(37 / 40)
     assert post.coverage(targets, mask, 0.9, margin - 0.011) < 0.9
     assert post.coverage(targets, mask) == 0.0
+    assert post.width(mask) == 0.0 and post.width(mask, margin=0.1) == pytest.approx(0.2)
     lo, hi = post.interval(0.9, margin=0.6)
     assert float(np.min(lo)) == 0.0 and float(np.max(hi)) == 1.0
 

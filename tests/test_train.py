@@ -251,6 +251,10 @@ def test_the_trainer_reads_no_test_image_and_writes_tensorboard(tmp_path, monkey
     trainer.train_and_evaluate(again, tmp_path / "continued", progress=False)
     steps = [json.loads(line)["step"] for line in (tmp_path / "continued" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 5] and json.loads((tmp_path / "continued" / "init_card.json").read_text())["steps"] == 3
+    # its source moved on since (a newer export at the same path): resuming says to start a new stage
+    new_stage = r"init_step: 3 -> 4\); .*run has changed since this run started from it: continue from it as a new"
+    with pytest.raises(ValueError, match=new_stage):
+        trainer.train_and_evaluate({**again, "init_step": 4}, tmp_path / "continued", progress=False)
     # TensorBoard: the same scalars, and a sample grid at each evaluation
     board = read_tensorboard_scalars(tmp_path / "run" / "tensorboard")
     assert [s for s, _ in board["train/bits_per_dim"]] == [1, 2, 3]

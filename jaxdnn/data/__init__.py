@@ -9,11 +9,12 @@ from jaxdnn.data.preprocess import (
     dequantize,
     inverse_logit_transform,
     logit_transform,
+    to_pixels,
     to_unit_interval,
 )
 
 __all__ = [
     "LOGIT_ALPHA", "FetchError", "batches", "bits_per_dim", "default_data_dir",
     "dequantize", "epoch_permutation", "fetch_mnist", "inverse_logit_transform", "load_mnist",
-    "logit_transform", "parse_idx", "to_unit_interval", "write_idx",
+    "logit_transform", "parse_idx", "to_pixels", "to_unit_interval", "write_idx",
 ]

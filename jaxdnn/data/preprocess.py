@@ -15,6 +15,12 @@ def to_unit_interval(pixels: jax.Array) -> jax.Array:
     return ((jnp.asarray(pixels, jnp.float32) + 0.5) / 256.0)[..., None]
 
 
+def to_pixels(x: jax.Array) -> jax.Array:
+    """The bin of each value: float (..., 28, 28, 1) in [0, 1] -> uint8 (..., 28, 28), floor(256 x)
+    clipped to 0..255; inverts `to_unit_interval` and every dequantization."""
+    return jnp.clip(jnp.floor(jnp.asarray(x)[..., 0] * 256.0), 0, 255).astype(jnp.uint8)
+
+
 def dequantize(key: jax.Array, pixels: jax.Array) -> jax.Array:
     """Uniform dequantization: uint8 (..., 28, 28) -> (pixels + u) / 256, u ~ U[0,1), shape (..., 28, 28, 1)."""
     pixels = jnp.asarray(pixels, jnp.float32)[..., None]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxdnn.data.preprocess import dequantize as uniform_dequantize
+from jaxdnn.data.preprocess import to_pixels
 from jaxdnn.flows.dequantization import VariationalDequantizer
 from jaxdnn.flows.layers import (
     ActNorm,
@@ -69,8 +70,7 @@ class MultiScaleFlow(nn.Module):
     def __call__(self, x):
         """log p(x) (B,) of x (B, 28, 28, 1); `init` through here also creates the dequantizer."""
         if self.dequantizer is not None and self.is_initializing():
-            pixels = jnp.clip(jnp.floor(x * 256.0), 0.0, 255.0)
-            self.dequantizer(pixels, jnp.zeros_like(x))
+            self.dequantizer(to_pixels(x)[..., None].astype(jnp.float32), jnp.zeros_like(x))
         return self.log_prob(x)
 
     def encode(self, x):

@@ -198,8 +198,12 @@ class Posterior(NamedTuple):
         `interval(level, margin)`: `level` for calibrated intervals."""
         lo, hi = (np.asarray(v) for v in self.interval(level, margin))
         targets = np.asarray(targets)
-        missing = ~np.broadcast_to(np.asarray(masks, bool), targets.shape)
-        return float(((lo <= targets) & (targets <= hi))[missing].mean())
+        return float(((lo <= targets) & (targets <= hi))[_missing(masks, targets.shape)].mean())
+
+    def width(self, masks, level: float = 0.9, margin: float = 0.0) -> float:
+        """The mean width of `interval(level, margin)` over the missing pixels (mask False)."""
+        lo, hi = (np.asarray(v) for v in self.interval(level, margin))
+        return float((hi - lo)[_missing(masks, lo.shape)].mean())
 
     def interval_margin(self, targets, masks, level: float = 0.9) -> float:
         """The split-conformal margin (Vovk et al.; Angelopoulos & Bates 2021) for these images
@@ -209,8 +213,7 @@ class Posterior(NamedTuple):
         one image are not exchangeable, images are: read the coverage it gives on other images."""
         lo, hi = (np.asarray(v, np.float64) for v in self._quantiles(level))
         targets = np.asarray(targets, np.float64)
-        missing = ~np.broadcast_to(np.asarray(masks, bool), targets.shape)
-        scores = np.maximum(np.maximum(lo - targets, targets - hi), 0.0)[missing]
+        scores = np.maximum(np.maximum(lo - targets, targets - hi), 0.0)[_missing(masks, targets.shape)]
         k = min(scores.size, math.ceil((scores.size + 1) * level))
         return float(np.sort(scores)[k - 1])
 
@@ -303,6 +306,11 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     if concrete.get("noise_std", 1.0) <= 0.0:
         raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
     return hyper, counts
+
+
+def _missing(masks, shape) -> np.ndarray:
+    """The missing pixels (mask False) of a batch of `shape` as a bool array."""
+    return ~np.broadcast_to(np.asarray(masks, bool), shape)
 
 
 def _partial(log_prob) -> jax.tree_util.Partial:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdnn.data.preprocess import to_pixels
 from jaxdnn.inpainting.baselines import nearest_training_images
 from jaxdnn.inpainting.chunks import run_chunks
 
@@ -190,8 +191,7 @@ def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, 
         if flow.dequantize is None:
             start = jnp.clip(start, START_MARGIN, 1.0 - START_MARGIN)
         else:  # where the flow's dequantizer puts these pixels (fixed noise: deterministic)
-            pixels = jnp.clip(jnp.floor(start[..., 0] * 256.0), 0, 255).astype(jnp.uint8)
-            start = _dequantize(flow, pixels, jax.random.key(START_SEED))
+            start = _dequantize(flow, to_pixels(start), jax.random.key(START_SEED))
         z0 = _encode(flow, start)  # image-major: row b * K + k
     else:
         z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
