@@ -1,8 +1,8 @@
 """Problem 3: inpaint MNIST test (or validation) images with a pretrained flow.
 
     python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...]] [--split test]
-        [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--seed 0]
-        [--batch-size 100] [--out DIR] [--json]
+        [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--starts K]
+        [--temperature T] [--seed 0] [--batch-size 100] [--out DIR] [--json]
 
 Fills the missing pixels of images START..STOP-1 of the split with any of the methods of
 `jaxdnn.inpainting` (latent space: `latent`, the default, which starts its searches from the
@@ -120,6 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         + ", ".join(f"{m} {n}" for m, n in ip.STEPS.items()) + ")")
     p.add_argument("--lr", type=float, default=None,
                    help="step size (default: " + ", ".join(f"{m} {d['lr']:g}" for m, d in ip.DEFAULTS.items()) + ")")
+    p.add_argument("--starts", type=int, default=None,
+                   help=f"latent: searches per image (default {ip.LATENT_DEFAULTS['starts']})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"latent: T of the searches' weights softmax(-E / T), inf for equal weights "
+                        f"(default {ip.LATENT_DEFAULTS['temperature']:g})")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--batch-size", type=int, default=100,
                    help="images per vmapped call (default 100)")
@@ -133,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps must be >= 0, got {a.steps}")
     if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
         p.error(f"--lr must be positive, got {a.lr}")
+    if (a.starts is not None or a.temperature is not None) and a.method != ["latent"]:
+        p.error("--starts and --temperature set the latent method's searches: use them with --method latent alone")
+    if a.starts is not None and a.starts < 1:
+        p.error(f"--starts must be >= 1, got {a.starts}")
+    if a.temperature is not None and not a.temperature > 0:
+        p.error(f"--temperature must be > 0 (inf: equal weights), got {a.temperature}")
     if a.seed < 0:
         p.error(f"--seed must be >= 0, got {a.seed}")
     if a.batch_size < 1:
@@ -145,6 +156,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out!r} exists and is not a directory")
     return a
+
+
+def latent_options(a: argparse.Namespace) -> dict:
+    """--starts and --temperature as `inpaint` options (only those given)."""
+    return {k: v for k, v in (("starts", a.starts), ("temperature", a.temperature)) if v is not None}
 
 
 def main(argv=None) -> int:
@@ -204,7 +220,8 @@ def _main(argv) -> int:
             try:
                 metrics, arrays = ip.evaluate(model, params, images, mask, method, train_images=train,
                                               key=jax.random.key(a.seed), indices=np.arange(lo, hi),
-                                              steps=a.steps, lr=a.lr, batch_size=a.batch_size, labels=labels)
+                                              steps=a.steps, lr=a.lr, batch_size=a.batch_size, labels=labels,
+                                              **latent_options(a))
             except ValueError as e:
                 fail(PROG, str(e))
             if not rows:

@@ -9,8 +9,9 @@ target) and its mean width, the mean effective sample size; beside knn_mean over
 neighbours as starts. With `--calibrate`, the intervals are widened by the split-conformal margin
 (`Posterior.interval_margin`) computed on that range of validation images (disjoint from the
 scored ones), and the coverage and width of the calibrated intervals are reported too.
-Writes a figure per mask: the first 10 images, observed pixels, the weighted mean, the
-per-pixel standard deviation and 5 completions (at the first temperature).
+Writes a figure per mask: the first 10 images, observed pixels, the weighted mean and the
+per-pixel standard deviation (at the first temperature), and each image's 5 completions of the
+largest weights at the default temperature.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--images", type=parse_range, default=(0, 32), metavar="START:STOP")
     p.add_argument("--starts", type=int, default=ip.LATENT_DEFAULTS["starts"], help="searches per image")
-    p.add_argument("--temperature", default=f"inf,1000,{ip.LATENT_DEFAULTS['temperature']:g},100,30,10",
+    p.add_argument("--temperature", default=f"{ip.LATENT_DEFAULTS['temperature']:g},inf,1000,300,100,30",
                    metavar="T[,T...]",
-                   help="weight temperatures to score (default: a sweep; inf = equal weights)")
+                   help="weight temperatures to score (default: the method's, then a sweep; inf = equal weights)")
     p.add_argument("--calibrate", type=parse_range, default=None, metavar="START:STOP",
                    help="validation images to calibrate the 90%% intervals on (conformal margin)")
     p.add_argument("--out", default="results")
@@ -97,11 +98,12 @@ def main(argv=None) -> int:
                   "calibrated_on": None if held is None else f"validation {a.calibrate[0]}:{a.calibrate[1]}",
                   "seconds": round(time.time() - t0, 1)}
         out.append(result)
-        samples = np.asarray(post.samples)
+        heaviest = np.argsort(-np.asarray(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).weights), axis=1)
+        samples = np.take_along_axis(np.asarray(post.samples), heaviest[:, :, None, None, None], axis=1)
         panels = [("original", x, None), ("observed", np.where(np.asarray(mask), x, 0.5), None),
                   ("weighted mean", np.asarray(post.mean), None),
                   ("std x 4", np.clip(4 * np.asarray(post.std), 0, 1), None)]
-        panels += [(f"sample {k + 1}", samples[:, k], None) for k in range(min(5, a.starts))]
+        panels += [(f"weight rank {k + 1}", samples[:, k], None) for k in range(min(5, a.starts))]
         path = Path(a.out) / f"posterior_{pretrained.short_name(a.model)}_{mask_name}.png"
         save_figure(figure(panels, f"{a.model}, {mask_name}, {a.split} images: completions and uncertainty"), path)
         if not a.json:

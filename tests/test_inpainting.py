@@ -26,7 +26,7 @@ from jaxdnn.flows.checks import perturb
 
 TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
 FLOW_STEPS = 20
-FLOW_OPTIONS = {"latent": {"starts": 2}}  # fewer searches than the default 8: a fast test
+FLOW_OPTIONS = {"latent": {"starts": 2}}  # fewer searches than the default 32: a fast test
 N_FLOW = 3
 MISSING = {"hw10": 105, "top_half": 392, "bottom_half": 392, "left_half": 392, "center": 196,
            "random50": 392}
@@ -458,6 +458,9 @@ def test_nearest_training_images_and_knn_mean_against_brute_force():
     (["--method", "sgd"], "--method"),
     (["--steps", "-1"], "--steps"),
     (["--lr", "0"], "--lr"),
+    (["--starts", "0"], "--starts must be >= 1"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--method", "pgd", "--starts", "4"], "with --method latent alone"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     assert cli.main(argv) == 2

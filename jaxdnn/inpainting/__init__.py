@@ -69,7 +69,7 @@ LATENT_METHODS = ("latent_map", "latent")
 METHODS = PIXEL_METHODS + LATENT_METHODS
 DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANGEVIN_DEFAULTS,
             "latent_map": LATENT_MAP_DEFAULTS, "latent": LATENT_DEFAULTS}
-STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 60}  # per search
+STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 15}  # per search
 _COUNTS = {"chains", "starts"}  # integer options (static: they set shapes or loop counts)
 
 
