@@ -32,8 +32,8 @@ from jaxdnn import inpainting as ip
 from jaxdnn.data import FetchError, load_mnist, to_unit_interval
 
 PROG = "python -m experiments.inpaint"
-JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "psnr", "mse", "bpd", "baselines", "paired",
-             "accuracy", "seconds")
+JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "settings", "psnr", "mse", "bpd", "baselines",
+             "paired", "accuracy", "seconds")
 TEST_IMAGES = 10000
 FIGURE_COLUMNS = 10
 
@@ -136,14 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(split_range_error(a.images, a.split))
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
-    if a.lr is not None and not (math.isfinite(a.lr) and a.lr > 0):
-        p.error(f"--lr must be positive, got {a.lr}")
     if (a.starts is not None or a.temperature is not None) and a.method != ["latent"]:
         p.error("--starts and --temperature set the latent method's searches: use them with --method latent alone")
-    if a.starts is not None and a.starts < 1:
-        p.error(f"--starts must be >= 1, got {a.starts}")
-    if a.temperature is not None and not a.temperature > 0:
-        p.error(f"--temperature must be > 0 (inf: equal weights), got {a.temperature}")
+    for method in a.method:
+        try:
+            settings(a, method)
+        except ValueError as e:
+            p.error(f"--{e}")
     if a.seed < 0:
         p.error(f"--seed must be >= 0, got {a.seed}")
     if a.batch_size < 1:
@@ -161,6 +160,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def latent_options(a: argparse.Namespace) -> dict:
     """--starts and --temperature as `inpaint` options (only those given)."""
     return {k: v for k, v in (("starts", a.starts), ("temperature", a.temperature)) if v is not None}
+
+
+def settings(a: argparse.Namespace, method: str) -> dict:
+    """Every setting `method` runs with (defaults, --lr, --starts, --temperature), checked by
+    `inpainting.check_options`; infinite values as the string "inf" (JSON has no infinity)."""
+    options = latent_options(a) if method == "latent" else {}
+    checked = ip.check_options(method, lr=a.lr, **options)
+    return {k: v if math.isfinite(v) else str(v) for k, v in checked.items()}
 
 
 def main(argv=None) -> int:
@@ -230,7 +237,7 @@ def _main(argv) -> int:
             rows.append((method, arrays["inpainted"], arrays["psnr"]))
             steps = ip.STEPS[method] if a.steps is None else a.steps
             out = {"model": a.model, "mask": mask, "method": method, "split": a.split, "images": f"{start}:{stop}",
-                   "steps": steps, **combine(metrics, arrays, hi - lo)}
+                   "steps": steps, "settings": settings(a, method), **combine(metrics, arrays, hi - lo)}
             assert tuple(out) == JSON_KEYS
             outs.append(out)
             if not a.json and distributed.is_main():

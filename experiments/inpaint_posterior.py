@@ -98,12 +98,12 @@ def main(argv=None) -> int:
                   "calibrated_on": None if held is None else f"validation {a.calibrate[0]}:{a.calibrate[1]}",
                   "seconds": round(time.time() - t0, 1)}
         out.append(result)
-        heaviest = np.argsort(-np.asarray(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).weights), axis=1)
-        samples = np.take_along_axis(np.asarray(post.samples), heaviest[:, :, None, None, None], axis=1)
+        samples, _ = post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).heaviest(min(5, a.starts))
+        samples = np.asarray(samples)
         panels = [("original", x, None), ("observed", np.where(np.asarray(mask), x, 0.5), None),
                   ("weighted mean", np.asarray(post.mean), None),
                   ("std x 4", np.clip(4 * np.asarray(post.std), 0, 1), None)]
-        panels += [(f"weight rank {k + 1}", samples[:, k], None) for k in range(min(5, a.starts))]
+        panels += [(f"weight rank {k + 1}", samples[:, k], None) for k in range(samples.shape[1])]
         path = Path(a.out) / f"posterior_{pretrained.short_name(a.model)}_{mask_name}.png"
         save_figure(figure(panels, f"{a.model}, {mask_name}, {a.split} images: completions and uncertainty"), path)
         if not a.json:

@@ -367,6 +367,16 @@ def test_random50_is_keyed_and_batch_masks_follow_indices(key):
 # ----------------------------------------------------------------------------- bad input
 
 
+def test_check_options_fills_in_the_defaults_and_names_the_bad_setting():
+    assert ip.check_options("latent", starts=4) == {**ip.LATENT_DEFAULTS, "starts": 4}
+    assert ip.check_options("pgd", lr=0.5)["lr"] == 0.5
+    for method, options, match in [("latent", {"starts": 0}, "starts must be an integer >= 1"),
+                                   ("latent", {"temperature": -1.0}, "temperature must be > 0"),
+                                   ("pgd", {"lr": -1.0}, "lr must be > 0"), ("sgd", {}, "unknown method")]:
+        with pytest.raises(ValueError, match=match):
+            ip.check_options(method, **options)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"mask": np.ones((28, 28), bool)}, "shape"),
     ({"mask": np.ones((2, 28, 28, 1), bool)}, "shape"),
@@ -381,6 +391,7 @@ def test_random50_is_keyed_and_batch_masks_follow_indices(key):
     ({"steps": -1}, "steps"),
     ({"init": 2.0}, "init"),
     ({"method": "pgd", "noise": 0.1}, "unknown options"),
+    ({"lr": 0.0}, "lr must be > 0"),
     ({"method": "latent_map"}, "decoder"),
     ({"method": "pgd", "reference": np.zeros((3, 28, 28, 1), np.float32)}, "reference"),
 ])
@@ -458,7 +469,7 @@ def test_nearest_training_images_and_knn_mean_against_brute_force():
     (["--method", "sgd"], "--method"),
     (["--steps", "-1"], "--steps"),
     (["--lr", "0"], "--lr"),
-    (["--starts", "0"], "--starts must be >= 1"),
+    (["--starts", "0"], "--starts must be an integer >= 1"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--method", "pgd", "--starts", "4"], "with --method latent alone"),
 ])
@@ -487,6 +498,12 @@ def test_cli_module_exits_2_without_traceback():
 
 
 @pytest.mark.slow
+def test_cli_settings_record_every_option_the_method_runs_with():
+    a = cli.parse_args(["--starts", "4", "--temperature", "inf"])
+    assert cli.settings(a, "latent") == {**ip.LATENT_DEFAULTS, "starts": 4, "temperature": "inf"}
+    assert json.loads(json.dumps(cli.settings(a, "latent")))["temperature"] == "inf"  # strict JSON
+
+
 def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     """The whole script on the tiny flow and synthetic data (reuses the fixture's compile)."""
     monkeypatch.setattr(cli.pretrained, "load", lambda name: flow_runs["model"])
@@ -503,7 +520,7 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     assert tuple(out) == cli.JSON_KEYS
     assert out["images"] == f"2:{2 + N_FLOW}" and out["mask"] == "hw10"
     assert set(out["baselines"]) == {"mean_fill", "nearest_neighbor", "knn_mean"}
-    assert out["steps"] == FLOW_STEPS
+    assert out["steps"] == FLOW_STEPS and out["settings"] == ip.PGD_DEFAULTS
     for v in (out["psnr"], out["mse"], out["bpd"], *out["baselines"]["mean_fill"].values()):
         assert np.isfinite(v)
     assert set(out["accuracy"]) == {"method", "mean_fill", "nearest_neighbor", "knn_mean", "ceiling", "floor"}
@@ -562,6 +579,9 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
     best = np.asarray(post.energy).argmin(1)
     np.testing.assert_allclose(cold.weights, np.eye(3)[best], atol=1e-6)
     np.testing.assert_allclose(cold.mean, np.asarray(post.samples)[np.arange(N_FLOW), best], atol=1e-6)
+    samples, weights = cold.heaviest(2)  # largest weight first
+    np.testing.assert_array_equal(samples[:, 0], np.asarray(post.samples)[np.arange(N_FLOW), best])
+    assert np.all(np.diff(np.asarray(weights), axis=1) <= 0) and weights.shape == (N_FLOW, 2)
     lo90, hi90 = post.interval(0.9)
     lo50, hi50 = post.interval(0.5)
     assert np.all(np.asarray(lo90) <= np.asarray(lo50)) and np.all(np.asarray(hi50) <= np.asarray(hi90))

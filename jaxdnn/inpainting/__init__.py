@@ -59,7 +59,7 @@ __all__ = [
     "ANNEALED_DEFAULTS", "BASELINES", "DEFAULTS", "IMAGE_SHAPE", "KNN", "LANGEVIN_DEFAULTS", "LATENT_DEFAULTS",
     "LATENT_MAP_DEFAULTS", "LATENT_METHODS", "MASKS", "METHODS", "PGD_DEFAULTS", "PIXEL_METHODS", "STEPS",
     "Flow", "InpaintResult", "Posterior", "annealed_optimizer", "as_flow", "batch_masks", "check_images",
-    "check_mask", "evaluate", "inpaint_posterior",
+    "check_mask", "check_options", "evaluate", "inpaint_posterior",
     "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
     "mean_fill", "nearest_neighbor", "nearest_training_images", "pgd_optimizer", "pixel_mean",
 ]
@@ -186,6 +186,13 @@ class Posterior(NamedTuple):
         """The same samples weighted by softmax(-E / temperature) (no search rerun)."""
         return _weigh(self.samples, self.energy, jnp.float32(temperature))
 
+    def heaviest(self, k: int) -> tuple[jax.Array, jax.Array]:
+        """Each image's `k` completions of largest weight, largest first: (samples (B, k, H, W, C),
+        weights (B, k))."""
+        order = jnp.argsort(-self.weights, axis=1)[:, :k]
+        return (jnp.take_along_axis(self.samples, order[:, :, None, None, None], axis=1),
+                jnp.take_along_axis(self.weights, order, axis=1))
+
     def interval(self, level: float = 0.9, margin: float = 0.0) -> tuple[jax.Array, jax.Array]:
         """Per-pixel weighted (1 - level)/2 and (1 + level)/2 quantiles of the samples, each
         (B, H, W, C): the central `level` interval of the sample, widened by `margin` on each side
@@ -274,6 +281,16 @@ def _weigh(fills, energy, temperature) -> Posterior:
     return Posterior(fills, weights, mean, std, 1.0 / (weights**2).sum(1), energy)
 
 
+def check_options(method: str, lr: float | None = None, init: float | None = None, **options) -> dict:
+    """Every setting of `method` as `inpaint` would run it: `DEFAULTS[method]` updated with `lr`,
+    `init` and `options`, validated (ValueError naming the first bad one: what a command line
+    reports before it loads anything)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    hyper, counts = _hyperparameters(method, lr, init, options)
+    return {**hyper, **counts}
+
+
 def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     """(float hyperparameters, integer counts) of `method`, validated, defaults filled in."""
     defaults = DEFAULTS[method]
@@ -303,6 +320,8 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
         raise ValueError(f"init must lie in [0, 1], got {hyper['init']!r}")
     if not 0.0 <= concrete.get("margin", 0.0) < 0.5:
         raise ValueError(f"margin must lie in [0, 0.5), got {hyper['margin']!r}")
+    if concrete.get("lr", 1.0) <= 0.0:
+        raise ValueError(f"lr must be > 0, got {hyper['lr']!r}")
     if concrete.get("noise_std", 1.0) <= 0.0:
         raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
     return hyper, counts
