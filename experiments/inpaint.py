@@ -117,7 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "course's); with several masks or methods --json prints a list, one object per (mask, method)")
     p.add_argument("--steps", type=int, default=None,
                    help="iterations, per search for the latent methods (default: "
-                        + ", ".join(f"{m} {n}" for m, n in ip.STEPS.items()) + ")")
+                        + ", ".join(f"{m} {n}" for m, n in ip.STEPS.items())
+                        + "".join(f"; {m} {n} with {kind}" for (m, kind), n in ip.FLOW_STEPS.items()) + ")")
     p.add_argument("--lr", type=float, default=None,
                    help="step size (default: " + ", ".join(f"{m} {d['lr']:g}" for m, d in ip.DEFAULTS.items()) + ")")
     p.add_argument("--starts", type=int, default=None,
@@ -235,7 +236,7 @@ def _main(argv) -> int:
                 observed = np.where(arrays["masks"], arrays["original"], 0.5)
                 rows = [("original", arrays["original"], None), ("observed", observed, None)]
             rows.append((method, arrays["inpainted"], arrays["psnr"]))
-            steps = ip.STEPS[method] if a.steps is None else a.steps
+            steps = ip.default_steps(method, model) if a.steps is None else a.steps
             out = {"model": a.model, "mask": mask, "method": method, "split": a.split, "images": f"{start}:{stop}",
                    "steps": steps, "settings": settings(a, method), **combine(metrics, arrays, hi - lo)}
             assert tuple(out) == JSON_KEYS

@@ -23,6 +23,7 @@ from jaxdnn import inpainting as ip
 from jaxdnn.data import to_unit_interval
 from jaxdnn.flows import build_model
 from jaxdnn.flows.checks import perturb
+from jaxdnn.flows.distribution import FlowDistribution
 
 TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
 FLOW_STEPS = 20
@@ -332,6 +333,27 @@ def test_hyperparameter_values_do_not_recompile(key):
         compiled = jitted._cache_size()
         run(0.03)
         assert jitted._cache_size() == compiled
+
+
+def test_a_flow_type_may_have_its_own_step_count(flow_runs):
+    """`steps=None` is `default_steps`: STEPS unless FLOW_STEPS names the flow's type, read from
+    a Flow (its static `kind`), a FlowDistribution or the model."""
+    model, params = flow_runs["model"]  # a tiny Glow
+    flow = flow_runs["flow"]
+    assert flow.kind == "Glow"
+    glow_steps = ip.FLOW_STEPS[("latent", "Glow")]
+    assert ip.default_steps("latent", flow) == ip.default_steps("latent", model) == glow_steps != ip.STEPS["latent"]
+    assert ip.default_steps("latent", FlowDistribution(model, params)) == glow_steps
+    realnvp = build_model("realnvp", levels_count=1, pairs=1, hidden=4)
+    assert ip.default_steps("latent", realnvp) == ip.default_steps("latent") == ip.STEPS["latent"]
+    assert ip.default_steps("pgd", flow) == ip.STEPS["pgd"]
+    x, mask = flow_runs["x"][:1], flow_runs["mask"]
+    for kind, steps in (("Glow", glow_steps), ("", ip.STEPS["latent"])):
+        losses = ip.inpaint(flow.replace(kind=kind), x, mask, method="latent", reference=x, starts=1,
+                            return_losses=True).losses
+        assert losses.shape == (1, steps)
+    with pytest.raises(ValueError, match="unknown method"):
+        ip.default_steps("sgd")
 
 
 # ----------------------------------------------------------------------------- masks

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from jaxdnn.data.preprocess import to_pixels
 from jaxdnn.inpainting.baselines import nearest_training_images
@@ -59,20 +60,24 @@ LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts":
 START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
 
 
-class Flow(NamedTuple):
+@struct.dataclass
+class Flow:
     """A flow as the inpainting methods see it: pure functions (`jax.tree_util.Partial`) whose
     leaves are its parameters, so jitted code takes them as arguments and compiles once.
 
     log_prob: x (B, H, W, C) -> (B,); encode: x -> list of latents; decode: latents -> x;
     prior_log_prob: latents -> (B,), the log-density of the latents under the prior;
     dequantize: (uint8 pixels (B, H, W), key) -> x (B, H, W, C) by the flow's variational
-    dequantizer, or None (uniform noise: reference images are encoded at their pixel centres)."""
+    dequantizer, or None (uniform noise: reference images are encoded at their pixel centres);
+    kind: the Flax model's class name ("RealNVP", "Glow"; static), which picks per-flow defaults
+    (`inpainting.default_steps`)."""
 
     log_prob: jax.tree_util.Partial
     encode: jax.tree_util.Partial
     decode: jax.tree_util.Partial
     prior_log_prob: jax.tree_util.Partial
     dequantize: jax.tree_util.Partial | None = None
+    kind: str = struct.field(pytree_node=False, default="")
 
 
 @functools.cache
@@ -98,7 +103,8 @@ def _methods(model):
 def as_flow(model, params) -> Flow:
     """The `Flow` of a Flax flow from `jaxdnn.flows` (one compilation per model and shape)."""
     *methods, dequantize = (jax.tree_util.Partial(f, params) for f in _methods(model))
-    return Flow(*methods, dequantize if getattr(model, "dequantization", "uniform") == "variational" else None)
+    return Flow(*methods, dequantize if getattr(model, "dequantization", "uniform") == "variational" else None,
+                kind=type(model).__name__)
 
 
 def latent_energy(flow: Flow, latents, images, masks, noise_std, prior_weight) -> jax.Array:
