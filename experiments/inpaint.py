@@ -2,7 +2,7 @@
 
     python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...]] [--split test]
         [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--starts K]
-        [--temperature T] [--seed 0] [--batch-size 100] [--out DIR] [--json]
+        [--rounds R] [--temperature T] [--seed 0] [--batch-size 100] [--out DIR] [--json]
 
 Fills the missing pixels of images START..STOP-1 of the split with any of the methods of
 `jaxdnn.inpainting` (latent space: `latent`, the default, which starts its searches from the
@@ -123,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="step size (default: " + ", ".join(f"{m} {d['lr']:g}" for m, d in ip.DEFAULTS.items()) + ")")
     p.add_argument("--starts", type=int, default=None,
                    help=f"latent: searches per image (default {ip.LATENT_DEFAULTS['starts']})")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"latent: rounds of searches, each after the first from the training images nearest to the "
+                        f"last estimate (default {ip.LATENT_DEFAULTS['rounds']})")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"latent: T of the searches' weights softmax(-E / T), inf for equal weights "
                         f"(default {ip.LATENT_DEFAULTS['temperature']:g})")
@@ -137,8 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(split_range_error(a.images, a.split))
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
-    if (a.starts is not None or a.temperature is not None) and a.method != ["latent"]:
-        p.error("--starts and --temperature set the latent method's searches: use them with --method latent alone")
+    if (a.starts is not None or a.rounds is not None or a.temperature is not None) and a.method != ["latent"]:
+        p.error("--starts, --rounds and --temperature set the latent method's searches: use them with --method "
+                "latent alone")
     for method in a.method:
         try:
             settings(a, method)
@@ -159,12 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def latent_options(a: argparse.Namespace) -> dict:
-    """--starts and --temperature as `inpaint` options (only those given)."""
-    return {k: v for k, v in (("starts", a.starts), ("temperature", a.temperature)) if v is not None}
+    """--starts, --rounds and --temperature as `inpaint` options (only those given)."""
+    return {k: v for k, v in (("starts", a.starts), ("rounds", a.rounds), ("temperature", a.temperature))
+            if v is not None}
 
 
 def settings(a: argparse.Namespace, method: str) -> dict:
-    """Every setting `method` runs with (defaults, --lr, --starts, --temperature), checked by
+    """Every setting `method` runs with (defaults, --lr, --starts, --rounds, --temperature), checked by
     `inpainting.check_options`; infinite values as the string "inf" (JSON has no infinity)."""
     options = latent_options(a) if method == "latent" else {}
     checked = ip.check_options(method, lr=a.lr, **options)

@@ -8,6 +8,7 @@ Compilation dominates the cost, so the flow runs once per method (module fixture
 command-line end-to-end test reuses that compilation (same model, shape and step count).
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -286,7 +287,7 @@ def test_a_variationally_dequantized_flow_starts_where_its_dequantizer_puts_the_
     x, mask = flow_images()[:2], ip.make_mask("top_half")
     pixels = synthetic_pixels(6, 12)
     reference = jnp.asarray(to_unit_interval(pixels))
-    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference,
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference, rounds=1,
                       temperature=np.inf)
     nearest = np.asarray(ip.nearest_training_images(x, mask, reference, 3))
     starts = jax.jit(flow.dequantize)(pixels[nearest.reshape(-1)], jax.random.key(ip.latent.START_SEED))
@@ -302,7 +303,7 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
     margin = ip.latent.START_MARGIN
-    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference,
+    zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference, rounds=1,
                       temperature=np.inf)  # equal weights
     want = ip.knn_mean(x, mask, jnp.clip(reference, margin, 1 - margin), k=3)
     np.testing.assert_allclose(zero, want, atol=1e-4)
@@ -314,6 +315,35 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1))
     with pytest.raises(ValueError, match="fewer than starts"):
         ip.inpaint(flow, x, mask, None, method="latent", starts=20, reference=reference)
+
+
+def test_each_round_starts_from_the_reference_images_nearest_to_the_last_estimate(flow_runs):
+    """rounds=2 is: one round of searches, then the same search from the `starts` reference images
+    nearest to its weighted mean on every pixel; the estimate weighs both rounds' fills together
+    and the losses are both rounds'. Without a reference set the default runs one round, and
+    asking for two is an error."""
+    flow, x, mask = flow_runs["flow"], flow_runs["x"][:1], flow_runs["mask"]
+    reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
+    run = functools.partial(ip.inpaint, flow, method="latent", steps=FLOW_STEPS, starts=3, return_losses=True)
+    sample = functools.partial(ip.inpaint_posterior, flow, steps=FLOW_STEPS, starts=3)
+    first = run(x, mask, reference=reference, rounds=1)
+    nearest = ip.nearest_training_images(first.images, jnp.ones_like(x, bool), reference, 3)[0]
+    # from those 3 images alone the first round's neighbours are exactly them
+    second = run(x, mask, reference=reference[nearest], rounds=1)
+    both = run(x, mask, reference=reference, rounds=2)
+    np.testing.assert_allclose(both.losses, np.concatenate([first.losses, second.losses], axis=1), rtol=1e-5)
+    post = sample(x, mask, reference=reference, rounds=2)
+    parts = [sample(x, mask, reference=r, rounds=1) for r in (reference, reference[nearest])]
+    chex.assert_shape(post.samples, (1, 6, 28, 28, 1))
+    np.testing.assert_allclose(post.energy, np.concatenate([p.energy for p in parts], axis=1), rtol=1e-5)
+    np.testing.assert_allclose(post.mean, both.images, atol=1e-6)
+    w = np.asarray(ip.latent.posterior_weights(post.energy, ip.LATENT_DEFAULTS["temperature"]))
+    pooled = (w[:, :, None, None, None] * np.concatenate([p.samples for p in parts], axis=1)).sum(1)
+    np.testing.assert_allclose(both.images, np.where(mask, x, pooled), atol=1e-5)
+    assert ip.LATENT_DEFAULTS["rounds"] > 1
+    assert run(x, mask, jax.random.key(0)).losses.shape == (1, FLOW_STEPS)  # no reference: one round
+    with pytest.raises(ValueError, match="pass a reference set"):
+        run(x, mask, jax.random.key(0), rounds=2)
 
 
 @pytest.mark.slow
@@ -351,7 +381,7 @@ def test_a_flow_type_may_have_its_own_step_count(flow_runs):
     for kind, steps in (("Glow", glow_steps), ("", ip.STEPS["latent"])):
         losses = ip.inpaint(flow.replace(kind=kind), x, mask, method="latent", reference=x, starts=1,
                             return_losses=True).losses
-        assert losses.shape == (1, steps)
+        assert losses.shape == (1, ip.LATENT_DEFAULTS["rounds"] * steps)
     with pytest.raises(ValueError, match="unknown method"):
         ip.default_steps("sgd")
 
@@ -494,6 +524,7 @@ def test_nearest_training_images_and_knn_mean_against_brute_force():
     (["--starts", "0"], "--starts must be an integer >= 1"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--method", "pgd", "--starts", "4"], "with --method latent alone"),
+    (["--rounds", "0"], "--rounds must be an integer >= 1"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     assert cli.main(argv) == 2
@@ -583,7 +614,8 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
     interval holds the weighted mean's neighbourhood and widens with the level."""
     flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
-    post = ip.inpaint_posterior(flow, x, mask, reference=reference, starts=3, steps=FLOW_STEPS, temperature=np.inf)
+    post = ip.inpaint_posterior(flow, x, mask, reference=reference, starts=3, steps=FLOW_STEPS, temperature=np.inf,
+                                rounds=1)
     chex.assert_shape((post.samples, post.weights, post.mean, post.std, post.ess, post.energy),
                       ((N_FLOW, 3, 28, 28, 1), (N_FLOW, 3), (N_FLOW, 28, 28, 1), (N_FLOW, 28, 28, 1), (N_FLOW,),
                        (N_FLOW, 3)))
@@ -593,9 +625,10 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
     np.testing.assert_allclose(post.weights, 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(post.ess, 3.0, rtol=1e-5)
     latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
-                        temperature=np.inf)
+                        temperature=np.inf, rounds=1)
     np.testing.assert_allclose(post.mean, latent, atol=1e-6)
-    default = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
+    default = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
+                         rounds=1)
     np.testing.assert_allclose(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).mean, default, atol=1e-6)
     cold = post.at_temperature(1e-3)  # all weight on the lowest energy
     best = np.asarray(post.energy).argmin(1)

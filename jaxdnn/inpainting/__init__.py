@@ -69,12 +69,15 @@ LATENT_METHODS = ("latent_map", "latent")
 METHODS = PIXEL_METHODS + LATENT_METHODS
 DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANGEVIN_DEFAULTS,
             "latent_map": LATENT_MAP_DEFAULTS, "latent": LATENT_DEFAULTS}
-STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 15}  # per search
-# ... and where a flow type has its own (validation images 0..99, 32 searches at T = 200, PSNR over
-# the 32 neighbours' mean after 5 / 10 / 15 steps: Glow top_half +0.40 / +0.36 / +0.30 dB, center
-# +0.46 / +0.51 / +0.47, its searches drift off after a few steps; RealNVP top_half +0.42 / +0.55 / +0.65)
-FLOW_STEPS = {("latent", "Glow"): 10}
-_COUNTS = {"chains", "starts"}  # integer options (static: they set shapes or loop counts)
+STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 10}  # per search
+# ... and where a flow type has its own. `latent` runs two rounds of searches (LATENT_DEFAULTS);
+# validation images 0..99, 32 searches a round at T = 200, PSNR over the 32 neighbours' mean with
+# (round 1, round 2) steps: RealNVP top_half (8, 8) +0.70 dB, (10, 10) +0.82, (15, 15) +0.90, center
+# (10, 10) +0.81 (one round of 15: +0.65, +0.76); Glow, whose searches drift off after a few steps,
+# top_half (5, 5) +0.58, (8, 8) +0.54, center +0.54, +0.64 (one round of 10: +0.36, +0.51), and
+# 5 steps keep it within the time one round of 10 took.
+FLOW_STEPS = {("latent", "Glow"): 5}
+_COUNTS = {"chains", "starts", "rounds"}  # integer options (static: they set shapes or loop counts)
 
 
 class InpaintResult(NamedTuple):
@@ -175,7 +178,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hyper, steps)
     else:
         out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
-                             counts["starts"], reference)
+                                    counts["starts"], reference, _rounds(counts, options, reference))
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
@@ -255,11 +258,12 @@ class Posterior(NamedTuple):
 def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, reference=None,
                       starts: int | None = None, temperature: float = LATENT_DEFAULTS["temperature"],
                       steps: int | None = None, **options) -> Posterior:
-    """K = `starts` completions of each image with their weights (`Posterior`): the `latent`
-    method's searches (from the nearest `reference` images' encodings, else prior noise from
-    `key`), weighted by softmax(-E / temperature) (inf: equal weights); `mean` is exactly
-    `inpaint(..., method="latent")` at the same temperature. image (H, W, C) or (B, H, W, C); the result always has
-    the batch axis. `options`: the `latent` method's (lr, noise_std, prior_weight, init_scale)."""
+    """K = rounds * `starts` completions of each image with their weights (`Posterior`): the
+    `latent` method's searches (from the nearest `reference` images' encodings, every round's;
+    else prior noise from `key`, one round), weighted by softmax(-E / temperature) (inf: equal
+    weights); `mean` is exactly `inpaint(..., method="latent")` at the same temperature. image
+    (H, W, C) or (B, H, W, C); the result always has the batch axis. `options`: the `latent`
+    method's (lr, noise_std, prior_weight, rounds, init_scale)."""
     if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"temperature must be > 0 (inf: equal weights), got {temperature!r}")
     if starts is not None:
@@ -283,7 +287,8 @@ def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, r
         raise ValueError("inpaint_posterior needs a reference set or a key")
     keys = _image_keys(key, images.shape[0], False) if key is not None else None
     hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
-    found = latent.candidates(flow, images, masks, keys, hyper, int(steps), counts["starts"], reference)
+    found = latent.candidates(flow, images, masks, keys, hyper, int(steps), counts["starts"], reference,
+                              _rounds(counts, options, reference))
     return _weigh(found.fills, found.energy, jnp.float32(temperature))
 
 
@@ -340,6 +345,15 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     if concrete.get("noise_std", 1.0) <= 0.0:
         raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
     return hyper, counts
+
+
+def _rounds(counts: dict, options: dict, reference) -> int:
+    """`latent`'s rounds: as set with a reference set; one without (the default's later rounds
+    re-retrieve neighbours, which needs one; asking for more without one is an error)."""
+    if reference is None and options.get("rounds", 1) > 1:
+        raise ValueError(f"rounds={options['rounds']}: each round after the first starts from the reference images "
+                         "nearest to the last estimate; pass a reference set")
+    return counts["rounds"] if reference is not None else 1
 
 
 def _missing(masks, shape) -> np.ndarray:

@@ -17,6 +17,9 @@ points decode to typical digits, and the decoder keeps every candidate on the fl
   by softmax(-E / temperature) of their final energies (self-normalized importance weights):
   the encodings of the `starts` training images nearest on the observed pixels when a
   `reference` set is given (diverse, plausible modes), else `init_scale` times prior noise.
+  With a reference, a second round of searches starts from the training images nearest to the
+  first round's estimate on every pixel (the flow's fill picks the neighbours), and the
+  estimate weighs both rounds' fills.
   A flow trained with variational dequantization encodes each neighbour's pixels as its own
   dequantizer places them inside their bins (`Flow.dequantize`): its density sits where q put
   the noise, and searches from pixel centres drift off (validation, top_half, 20 images: 1.8 dB
@@ -55,7 +58,9 @@ LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
 # 15.77 dB, center 12.46 vs 12.41; Glow's searches drift off after a few steps: top_half, 0..49,
 # 15.77 dB (+0.39 over the 32 neighbours' mean) against 15.45 after 20 of the 8 searches' 60 steps
 # (-0.09 over 8 neighbours) and falling. At 32 starts T = 100 and 600 lose to 200.
-LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "init_scale": 0.7,
+# Two rounds (`candidates`): the second from the training images nearest to the first's estimate on
+# every pixel, both rounds' fills weighted together (STEPS, FLOW_STEPS: the validation numbers).
+LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 2, "init_scale": 0.7,
                    "temperature": 200.0}
 START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
 
@@ -186,36 +191,59 @@ class Candidates(NamedTuple):
     losses: jax.Array
 
 
-def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None) -> Candidates:
-    """All `starts` searches of every image as one batch of B * K searches (one compilation).
+def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None,
+               rounds: int = 1) -> Candidates:
+    """All `starts` searches of every image as one batch of B * K searches (one compilation), and
+    with several rounds every round's: K = rounds * starts candidates per image.
 
     reference: float training images (N, H, W, C): search k starts from the encoding of the
     k-th nearest on the observed pixels (dequantized by the flow's q if it has one); None: from
-    `init_scale` * N(0, I) drawn from fold_in(keys[b], k) for image b."""
+    `init_scale` * N(0, I) drawn from fold_in(keys[b], k) for image b (one round only).
+    rounds (with a reference): each round after the first starts from the `starts` reference
+    images nearest to the weighted mean of the candidates so far on every pixel (the observed
+    ones and the fill), so the flow's fill chooses the next neighbours. losses: (B, rounds * steps)."""
+    if rounds > 1 and reference is None:
+        raise ValueError(f"rounds={rounds}: each round after the first starts from the reference images nearest to "
+                         "the last estimate; pass a reference set")
     b = images.shape[0]
-    shapes = jax.eval_shape(flow.encode, images)
-    if reference is not None:
-        nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
+    repeat = lambda a: jnp.repeat(a, starts, axis=0)
+    if reference is None:
+        shapes = jax.eval_shape(flow.encode, images)
+        z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
+        fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
+        return Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
+                          losses.reshape(b, starts, -1).mean(1))
+    nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
+    every_pixel = jnp.ones_like(masks)
+    rounds_found = []
+    for r in range(rounds):
         start = jnp.asarray(reference)[nearest.reshape(-1)]
         if flow.dequantize is None:
             start = jnp.clip(start, START_MARGIN, 1.0 - START_MARGIN)
         else:  # where the flow's dequantizer puts these pixels (fixed noise: deterministic)
             start = _dequantize(flow, to_pixels(start), jax.random.key(START_SEED))
         z0 = _encode(flow, start)  # image-major: row b * K + k
-    else:
-        z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
-    repeat = lambda a: jnp.repeat(a, starts, axis=0)
-    fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
-    return Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
-                      losses.reshape(b, starts, -1).mean(1))
+        fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
+        rounds_found.append(Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
+                                       losses.reshape(b, starts, -1).mean(1)))
+        found = Candidates(*(jnp.concatenate(parts, axis=1) for parts in zip(*rounds_found, strict=True)))
+        if r + 1 < rounds:
+            nearest = nearest_training_images(_weighted_mean(found, images, masks, hyper["temperature"]), every_pixel,
+                                               reference, starts)
+    return found
 
 
-def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None):
-    """The weighted average of `starts` searches' fills (B, H, W, C), weights
-    `posterior_weights(E, hyper["temperature"])`, and their mean E per step (B, steps)."""
-    found = candidates(flow, images, masks, keys, hyper, steps, starts, reference)
-    w = posterior_weights(found.energy, hyper["temperature"])[:, :, None, None, None]
-    return jnp.where(masks, images, (w * found.fills).sum(1)), found.losses
+@jax.jit
+def _weighted_mean(found: Candidates, images, masks, temperature):
+    w = posterior_weights(found.energy, temperature)[:, :, None, None, None]
+    return jnp.where(masks, images, (w * found.fills).sum(1))
+
+
+def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None, rounds: int = 1):
+    """The weighted average of the rounds * `starts` searches' fills (B, H, W, C), weights
+    `posterior_weights(E, hyper["temperature"])`, and their mean E per step (B, rounds * steps)."""
+    found = candidates(flow, images, masks, keys, hyper, steps, starts, reference, rounds)
+    return _weighted_mean(found, images, masks, hyper["temperature"]), found.losses
 
 
 def posterior_weights(energy: jax.Array, temperature) -> jax.Array:

@@ -106,9 +106,10 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
     if method == "latent":  # the baselines the method is built on: its neighbours, its starts
         starts = options.get("starts", DEFAULTS["latent"]["starts"])
         fills["knn_matched"] = knn_mean(images, masks_b, train_images, k=starts)
+        first = {**options, "rounds": 1}  # the first round's starts
         fills["start"] = _batched(lambda lo, hi: inpaint(flow, images[lo:hi], masks if shared else masks[lo:hi],
                                                          keys[lo:hi], method=method, steps=0, lr=lr, **reference,
-                                                         **options), n, batch_size)
+                                                         **first), n, batch_size)
 
     def scores(x):
         return (np.asarray(masked_psnr(x, images, masks_b), np.float64),
