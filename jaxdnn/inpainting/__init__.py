@@ -69,14 +69,11 @@ LATENT_METHODS = ("latent_map", "latent")
 METHODS = PIXEL_METHODS + LATENT_METHODS
 DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANGEVIN_DEFAULTS,
             "latent_map": LATENT_MAP_DEFAULTS, "latent": LATENT_DEFAULTS}
-STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 10}  # per search
-# ... and where a flow type has its own. `latent` runs two rounds of searches (LATENT_DEFAULTS);
-# validation images 0..99, 32 searches a round at T = 200, PSNR over the 32 neighbours' mean with
-# (round 1, round 2) steps: RealNVP top_half (8, 8) +0.70 dB, (10, 10) +0.82, (15, 15) +0.90, center
-# (10, 10) +0.81 (one round of 15: +0.65, +0.76); Glow, whose searches drift off after a few steps,
-# top_half (5, 5) +0.58, (8, 8) +0.54, center +0.54, +0.64 (one round of 10: +0.36, +0.51), and
-# 5 steps keep it within the time one round of 10 took.
-FLOW_STEPS = {("latent", "Glow"): 5}
+STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 15}  # per search
+# ... and where a flow type has its own (validation images 0..99, 32 searches at T = 200, PSNR over
+# the 32 neighbours' mean after 5 / 10 / 15 steps: Glow top_half +0.40 / +0.36 / +0.30 dB, center
+# +0.46 / +0.51 / +0.47, its searches drift off after a few steps; RealNVP top_half +0.42 / +0.55 / +0.65)
+FLOW_STEPS = {("latent", "Glow"): 10}
 _COUNTS = {"chains", "starts", "rounds"}  # integer options (static: they set shapes or loop counts)
 
 
@@ -348,8 +345,8 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
 
 
 def _rounds(counts: dict, options: dict, reference) -> int:
-    """`latent`'s rounds: as set with a reference set; one without (the default's later rounds
-    re-retrieve neighbours, which needs one; asking for more without one is an error)."""
+    """`latent`'s rounds: as set with a reference set; one without (later rounds re-retrieve
+    neighbours, which needs one: asking for more without one is an error)."""
     if reference is None and options.get("rounds", 1) > 1:
         raise ValueError(f"rounds={options['rounds']}: each round after the first starts from the reference images "
                          "nearest to the last estimate; pass a reference set")

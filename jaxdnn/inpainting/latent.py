@@ -17,9 +17,9 @@ points decode to typical digits, and the decoder keeps every candidate on the fl
   by softmax(-E / temperature) of their final energies (self-normalized importance weights):
   the encodings of the `starts` training images nearest on the observed pixels when a
   `reference` set is given (diverse, plausible modes), else `init_scale` times prior noise.
-  With a reference, a second round of searches starts from the training images nearest to the
-  first round's estimate on every pixel (the flow's fill picks the neighbours), and the
-  estimate weighs both rounds' fills.
+  With a reference and `rounds` > 1, each later round of searches starts from the training
+  images nearest to the last estimate on every pixel (the flow's fill picks the neighbours),
+  and the estimate weighs every round's fills.
   A flow trained with variational dequantization encodes each neighbour's pixels as its own
   dequantizer places them inside their bins (`Flow.dequantize`): its density sits where q put
   the noise, and searches from pixel centres drift off (validation, top_half, 20 images: 1.8 dB
@@ -58,9 +58,11 @@ LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
 # 15.77 dB, center 12.46 vs 12.41; Glow's searches drift off after a few steps: top_half, 0..49,
 # 15.77 dB (+0.39 over the 32 neighbours' mean) against 15.45 after 20 of the 8 searches' 60 steps
 # (-0.09 over 8 neighbours) and falling. At 32 starts T = 100 and 600 lose to 200.
-# Two rounds (`candidates`): the second from the training images nearest to the first's estimate on
-# every pixel, both rounds' fills weighted together (STEPS, FLOW_STEPS: the validation numbers).
-LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 2, "init_scale": 0.7,
+# rounds > 1 (`candidates`): later rounds start from the training images nearest to the last
+# estimate on every pixel, all rounds' fills weighted together. Validation, RealNVP, two rounds of 10
+# steps against one of 15, over the 32 neighbours' mean: top_half, images 0..99, +0.82 vs +0.65 dB,
+# but on images 100..199 +0.48 vs +0.45, at a third more time (docs/inpainting.md): one round.
+LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 1, "init_scale": 0.7,
                    "temperature": 200.0}
 START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
 
