@@ -94,8 +94,7 @@ def flow_log_prob(model, params) -> jax.tree_util.Partial:
 def default_steps(method: str, flow=None) -> int:
     """Iterations (per search) of `method` when `steps` is None: `FLOW_STEPS` where the flow's type
     has its own (flow: a `Flow`, a `FlowDistribution` or a Flax flow model), else `STEPS[method]`."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    _check_method(method)
     model = flow.model if isinstance(flow, FlowDistribution) else flow
     kind = model.kind if isinstance(model, Flow) else type(model).__name__
     return FLOW_STEPS.get((method, kind), STEPS[method])
@@ -128,11 +127,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
     model, shape, method and step count (hyperparameter values do not trigger recompilation).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    steps = default_steps(method, flow) if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    steps = _steps(method, flow, steps)
     hyper, counts = _hyperparameters(method, lr, init, options)
     if isinstance(flow, FlowDistribution):
         flow = as_flow(flow.model, flow.params)
@@ -166,7 +161,6 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     keys = _image_keys(key, n, single) if key is not None else jax.random.split(jax.random.key(0), n)
 
     hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
-    steps = int(steps)
     if method in ("pgd", "annealed"):
         out, losses = pixel.mode_search(_partial(log_prob), images, masks, keys, hyper, method, steps)
     elif method == "langevin":
@@ -175,7 +169,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hyper, steps)
     else:
         out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
-                                    counts["starts"], reference, _rounds(counts, options, reference))
+                                    counts["starts"], reference, counts["rounds"])
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
@@ -261,14 +255,10 @@ def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, r
     weights); `mean` is exactly `inpaint(..., method="latent")` at the same temperature. image
     (H, W, C) or (B, H, W, C); the result always has the batch axis. `options`: the `latent`
     method's (lr, noise_std, prior_weight, rounds, init_scale)."""
-    if not (isinstance(temperature, int | float) and temperature > 0):
-        raise ValueError(f"temperature must be > 0 (inf: equal weights), got {temperature!r}")
     if starts is not None:
         options["starts"] = starts
-    steps = default_steps("latent", flow) if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    hyper, counts = _hyperparameters("latent", None, None, options)
+    steps = _steps("latent", flow, steps)
+    hyper, counts = _hyperparameters("latent", None, None, {**options, "temperature": temperature})
     if isinstance(flow, FlowDistribution):
         flow = as_flow(flow.model, flow.params)
     if not isinstance(flow, Flow):
@@ -284,9 +274,8 @@ def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, r
         raise ValueError("inpaint_posterior needs a reference set or a key")
     keys = _image_keys(key, images.shape[0], False) if key is not None else None
     hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
-    found = latent.candidates(flow, images, masks, keys, hyper, int(steps), counts["starts"], reference,
-                              _rounds(counts, options, reference))
-    return _weigh(found.fills, found.energy, jnp.float32(temperature))
+    found = latent.candidates(flow, images, masks, keys, hyper, steps, counts["starts"], reference, counts["rounds"])
+    return _weigh(found.fills, found.energy, hyper["temperature"])
 
 
 @jax.jit
@@ -302,8 +291,7 @@ def check_options(method: str, lr: float | None = None, init: float | None = Non
     """Every setting of `method` as `inpaint` would run it: `DEFAULTS[method]` updated with `lr`,
     `init` and `options`, validated (ValueError naming the first bad one: what a command line
     reports before it loads anything)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    _check_method(method)
     hyper, counts = _hyperparameters(method, lr, init, options)
     return {**hyper, **counts}
 
@@ -344,13 +332,18 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     return hyper, counts
 
 
-def _rounds(counts: dict, options: dict, reference) -> int:
-    """`latent`'s rounds: as set with a reference set; one without (later rounds re-retrieve
-    neighbours, which needs one: asking for more without one is an error)."""
-    if reference is None and options.get("rounds", 1) > 1:
-        raise ValueError(f"rounds={options['rounds']}: each round after the first starts from the reference images "
-                         "nearest to the last estimate; pass a reference set")
-    return counts["rounds"] if reference is not None else 1
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+
+
+def _steps(method: str, flow, steps) -> int:
+    """`steps`, or `default_steps(method, flow)` when None, checked (and the method)."""
+    _check_method(method)
+    steps = default_steps(method, flow) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    return int(steps)
 
 
 def _missing(masks, shape) -> np.ndarray:

@@ -209,12 +209,15 @@ def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, 
                          "the last estimate; pass a reference set")
     b = images.shape[0]
     repeat = lambda a: jnp.repeat(a, starts, axis=0)
-    if reference is None:
-        shapes = jax.eval_shape(flow.encode, images)
-        z0 = _prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"])
+
+    def search(z0):  # z0 image-major: row b * K + k
         fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
         return Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
                           losses.reshape(b, starts, -1).mean(1))
+
+    if reference is None:
+        shapes = jax.eval_shape(flow.encode, images)
+        return search(_prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"]))
     nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
     every_pixel = jnp.ones_like(masks)
     rounds_found = []
@@ -224,10 +227,7 @@ def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, 
             start = jnp.clip(start, START_MARGIN, 1.0 - START_MARGIN)
         else:  # where the flow's dequantizer puts these pixels (fixed noise: deterministic)
             start = _dequantize(flow, to_pixels(start), jax.random.key(START_SEED))
-        z0 = _encode(flow, start)  # image-major: row b * K + k
-        fills, energy, losses = _search(flow, repeat(images), repeat(masks), hyper, z0, steps)
-        rounds_found.append(Candidates(fills.reshape(b, starts, *images.shape[1:]), energy.reshape(b, starts),
-                                       losses.reshape(b, starts, -1).mean(1)))
+        rounds_found.append(search(_encode(flow, start)))
         found = Candidates(*(jnp.concatenate(parts, axis=1) for parts in zip(*rounds_found, strict=True)))
         if r + 1 < rounds:
             nearest = nearest_training_images(_weighted_mean(found, images, masks, hyper["temperature"]), every_pixel,
