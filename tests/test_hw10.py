@@ -26,7 +26,7 @@ def test_hw10_fast_writes_report_summary_and_figures(tmp_path):
     assert parts["p2_projected_gradient"]["abs_error"] < 1e-4
     assert {f"p3_realnvp_hw10_{m}" for m in P3_METHODS} <= set(parts)
     assert set(parts["p3_realnvp_hw10_latent"]["baselines"]) == {"mean_fill", "nearest_neighbor", "knn_mean",
-                                                                 "knn_matched", "start"}
+                                                                 "knn_matched", "conditional_mean", "start"}
     report = (out / "report.md").read_text()
     for heading in ("## P1", "## P2", "## P3", "## P4", "## P5", "## P6"):
         assert heading in report

@@ -11,7 +11,8 @@ families, every one ending inside the constraint set C (observed pixels bit-for-
   ``langevin`` (posterior mean of Langevin chains in logit coordinates);
 - latent space (`latent.py`): ``latent_map`` (the MAP of the flow's latents given the observed
   pixels, decoded) and ``latent`` (several such searches weighted by their posterior energies:
-  the posterior mean that PSNR rewards; `inpaint_posterior` returns the searches themselves).
+  the posterior mean that PSNR rewards, blended with a learned conditional mean, `regression.py`;
+  `inpaint_posterior` returns the searches themselves).
 
 Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`).
 """
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn.flows.distribution import FlowDistribution
-from jaxdnn.inpainting import latent, pixel
+from jaxdnn.inpainting import latent, pixel, regression
 from jaxdnn.inpainting.baselines import (
     KNN,
     knn_mean,
@@ -121,7 +122,9 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         methods).
     reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
         pixels start the searches (recommended); None starts from scaled prior noise.
-    options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts).
+    options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
+        "latent", blend: the weight of the flow's estimate against the conditional-mean network's,
+        1 for the flow alone, needed for images other than MNIST's 28 x 28 x 1).
 
     Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
     `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
@@ -170,6 +173,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     else:
         out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
                                     counts["starts"], reference, counts["rounds"])
+        out = _blend(out, images, masks, hyper["blend"])
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
@@ -252,11 +256,13 @@ def inpaint_posterior(flow: Flow | FlowDistribution, image, mask, key=None, *, r
     """K = rounds * `starts` completions of each image with their weights (`Posterior`): the
     `latent` method's searches (from the nearest `reference` images' encodings, every round's;
     else prior noise from `key`, one round), weighted by softmax(-E / temperature) (inf: equal
-    weights); `mean` is exactly `inpaint(..., method="latent")` at the same temperature. image
+    weights); `mean` is exactly `inpaint(..., method="latent", blend=1)` at the same temperature. image
     (H, W, C) or (B, H, W, C); the result always has the batch axis. `options`: the `latent`
-    method's (lr, noise_std, prior_weight, rounds, init_scale)."""
+    method's (lr, noise_std, prior_weight, rounds, init_scale; not blend)."""
     if starts is not None:
         options["starts"] = starts
+    if "blend" in options:
+        raise ValueError("blend is inpaint's: the posterior's samples and mean are the flow's alone (blend=1)")
     steps = _steps("latent", flow, steps)
     hyper, counts = _hyperparameters("latent", None, None, {**options, "temperature": temperature})
     if isinstance(flow, FlowDistribution):
@@ -323,6 +329,8 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     concrete = {k: float(v) for k, v in hyper.items() if not isinstance(v, jax.core.Tracer)}
     if "init" in concrete and not 0.0 <= concrete["init"] <= 1.0:
         raise ValueError(f"init must lie in [0, 1], got {hyper['init']!r}")
+    if not 0.0 <= concrete.get("blend", 1.0) <= 1.0:
+        raise ValueError(f"blend must lie in [0, 1] (1: the flow alone), got {hyper['blend']!r}")
     if not 0.0 <= concrete.get("margin", 0.0) < 0.5:
         raise ValueError(f"margin must lie in [0, 0.5), got {hyper['margin']!r}")
     if concrete.get("lr", 1.0) <= 0.0:
@@ -330,6 +338,18 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     if concrete.get("noise_std", 1.0) <= 0.0:
         raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
     return hyper, counts
+
+
+def _blend(flow_mean, images, masks, blend):
+    """blend * the flow's estimate + (1 - blend) * the conditional-mean network's fill on the missing
+    pixels (`regression.predict`, shipped weights); blend = 1: the flow's estimate as it is."""
+    if not isinstance(blend, jax.core.Tracer) and float(blend) == 1.0:
+        return flow_mean
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"blend < 1 mixes in the conditional-mean network, which fills MNIST images {IMAGE_SHAPE}; "
+                         f"pass blend=1 (the flow alone) for images of shape {images.shape[1:]}")
+    network = regression.predict(images, masks)
+    return jnp.where(masks, images, blend * flow_mean + (1.0 - blend) * network)
 
 
 def _check_method(method: str) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn.data import bits_per_dim
-from jaxdnn.inpainting import DEFAULTS, IMAGE_SHAPE, METHODS, as_flow, inpaint
+from jaxdnn.inpainting import DEFAULTS, IMAGE_SHAPE, METHODS, as_flow, inpaint, regression
 from jaxdnn.inpainting.baselines import knn_mean, mean_fill, nearest_neighbor, pixel_mean
 from jaxdnn.inpainting.masks import batch_masks, check_images, check_mask, make_mask, masked_mse, masked_psnr
 
@@ -58,8 +58,9 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
     "mse"}}, "paired": {name: {"mean", "stderr"}}, "seconds"}: means over the images of the
     per-image PSNR / MSE over the missing pixels, the mean bits/dim of the inpainted images, and
     the wall time of the whole call. Baselines: `BASELINES`, and for "latent" the matched ones,
-    "knn_matched" (knn_mean over as many neighbours as the method has starts) and "start" (the
-    method at 0 steps, its own starting point). "paired": for each baseline, the mean over the
+    "knn_matched" (knn_mean over as many neighbours as the method has starts), "conditional_mean"
+    (the network `latent` blends in, alone: what the flow adds over it) and "start" (the method at
+    0 steps, its own starting point). "paired": for each baseline, the mean over the
     images of (method's PSNR - baseline's PSNR) and its standard error (the spread of a paired
     difference, not of either score). arrays (NumPy): original, corrupted, inpainted, masks,
     each baseline's fill and per-image psnr ("psnr_<name>"), psnr, mse, bpd (per image),
@@ -103,9 +104,10 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
     fills = {"mean_fill": mean_fill(images, masks_b, pixel_mean(train_images)),
              "nearest_neighbor": nearest_neighbor(images, masks_b, train_images)[0],
              "knn_mean": knn_mean(images, masks_b, train_images)}
-    if method == "latent":  # the baselines the method is built on: its neighbours, its starts
+    if method == "latent":  # the baselines the method is built on: its neighbours, its starts, the network
         starts = options.get("starts", DEFAULTS["latent"]["starts"])
         fills["knn_matched"] = knn_mean(images, masks_b, train_images, k=starts)
+        fills["conditional_mean"] = regression.predict(images, masks_b)
         first = {**options, "rounds": 1}  # the first round's starts
         fills["start"] = _batched(lambda lo, hi: inpaint(flow, images[lo:hi], masks if shared else masks[lo:hi],
                                                          keys[lo:hi], method=method, steps=0, lr=lr, **reference,

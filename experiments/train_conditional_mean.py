@@ -1,0 +1,118 @@
+"""Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
+
+    python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--init-from FILE]
+        [--val-images 0:500] [--out DIR] [--ship]
+
+Training images 0..54999 under random masks; the card gives, for validation images (never test
+images) and every named mask, the network's PSNR over the missing pixels beside the mean of the
+32 training images nearest on the observed pixels (paired difference, mean and standard error).
+Writes DIR/conditional_mean.msgpack (float32: `--init-from` continues from it bit for bit, with a
+fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship` also writes the float16
+copy and the card into the package (what `regression.predict` loads). The shipped network:
+`--steps 20000 --seed 1`, then `--steps 20000 --seed 2 --init-from` the first's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from experiments.common import ArgumentParser, fail
+from experiments.inpaint import parse_range, split_range_error
+from jaxdnn.files import atomic_write_bytes
+
+PROG = "python -m experiments.train_conditional_mean"
+NEIGHBOURS = 32  # the baseline on the card: the mean of this many nearest training images (latent's starts)
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20000, help="AdamW steps of 256 images (default 20000)")
+    p.add_argument("--seed", type=int, default=1, help="draws batches, masks and dropout (default 1)")
+    p.add_argument("--warmup", type=int, default=500, help="steps of linear warm-up before the cosine (default 500)")
+    p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
+    p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
+                   help="validation images scored on the card (default 0:500)")
+    p.add_argument("--out", default="results/conditional_mean", help="where the weights and card go")
+    p.add_argument("--ship", action="store_true", help="also write into the package (maintainers)")
+    a = p.parse_args(argv if argv is not None else sys.argv[1:])
+    if not 0 <= a.warmup < a.steps:
+        p.error(f"--steps must exceed --warmup >= 0, got --steps {a.steps} --warmup {a.warmup}")
+    if split_range_error(a.val_images, "validation"):
+        p.error(split_range_error(a.val_images, "validation"))
+    if a.init_from is not None and not Path(a.init_from).is_file():
+        p.error(f"--init-from {a.init_from}: no such file")
+    import jax
+    from tqdm import tqdm
+
+    from jaxdnn.data import FetchError, load_mnist, to_unit_interval
+    from jaxdnn.inpainting import MASKS, batch_masks, knn_mean, masked_psnr, regression
+
+    try:
+        train_x = to_unit_interval(load_mnist("train")[0])
+        val_x = to_unit_interval(load_mnist("validation")[0][slice(*a.val_images)])
+    except (FetchError, OSError) as e:
+        fail(PROG, f"MNIST is not available: {e}", code=1)
+    init = None
+    if a.init_from is not None:
+        try:
+            init = regression.load(a.init_from)
+        except (ValueError, OSError) as e:
+            fail(PROG, f"--init-from {a.init_from}: cannot read these weights ({e})")
+    bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
+
+    def progress(step, loss, params):
+        bar.update(1)
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+
+    t0 = time.time()
+    try:
+        params = regression.train(train_x, a.steps, a.seed, init, warmup=a.warmup, callback=progress)
+    except ValueError as e:
+        fail(PROG, str(e))
+    bar.close()
+    seconds = round(time.time() - t0, 1)
+
+    scores = {}
+    indices = np.arange(*a.val_images)
+    for mask in MASKS:  # random50 draws each image's pixels from its number, as experiments.inpaint does
+        masks = batch_masks(mask, indices, jax.random.split(jax.random.key(0))[0])
+        net = np.asarray(masked_psnr(regression.predict(val_x, masks, params), val_x, masks), np.float64)
+        knn = np.asarray(masked_psnr(knn_mean(val_x, masks, train_x, k=NEIGHBOURS), val_x, masks), np.float64)
+        d = net - knn
+        scores[mask] = {"psnr": round(float(net.mean()), 3), f"knn_mean_{NEIGHBOURS}": round(float(knn.mean()), 3),
+                        "paired": {"mean": round(float(d.mean()), 3),
+                                   "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
+    stage = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), "steps": a.steps,
+             "seed": a.seed, "warmup": a.warmup, "wall_seconds": seconds,
+             "hardware": f"{jax.device_count()} x {jax.default_backend()}"}
+    if a.init_from is not None:
+        stage["init_from"] = {"path": a.init_from,
+                              "sha256": hashlib.sha256(Path(a.init_from).read_bytes()).hexdigest()}
+    model = regression.ConditionalMeanMLP()
+    card = {"model": f"ConditionalMeanMLP (width {model.width}, depth {model.depth}, dropout {model.dropout})",
+            "trained_on": "training images 0..54999 under random masks (regression.random_masks)",
+            "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+            "validation": {"images": f"{a.val_images[0]}:{a.val_images[1]}", "scores": scores,
+                           "note": f"PSNR over the missing pixels; paired: network - mean of the {NEIGHBOURS} "
+                                   "training images nearest on the observed pixels"}}
+    from flax import serialization
+
+    out = Path(a.out)
+    atomic_write_bytes(out / regression.WEIGHTS.name, serialization.to_bytes(jax.device_get(params)))
+    atomic_write_bytes(out / regression.CARD.name, json.dumps(card, indent=2).encode())
+    if a.ship:
+        atomic_write_bytes(regression.WEIGHTS, regression.to_bytes(params))
+        atomic_write_bytes(regression.CARD, json.dumps(card, indent=2).encode())
+    print(json.dumps(card))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

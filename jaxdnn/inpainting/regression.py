@@ -1,0 +1,155 @@
+"""A learned conditional mean: one network, trained on training images under random masks, that
+regresses the missing pixels on the observed ones, E[x | observed pixels], for any mask.
+
+PSNR is a squared error, and the estimate that minimizes it is the posterior mean; this network
+is trained for exactly that, with no flow. `latent` blends it with the flow's posterior mean
+(`LATENT_DEFAULTS["blend"]`): the two err differently (validation, docs/inpainting.md), and
+the scoring reports what the flow adds over the network alone ("conditional_mean").
+
+`predict(images, masks)` uses the shipped weights (`conditional_mean.msgpack` beside this file,
+float16 on disk); `python -m experiments.train_conditional_mean` trains and exports them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import serialization
+
+from jaxdnn.inpainting.masks import IMAGE_SHAPE, check_images, check_mask
+
+__all__ = ["ConditionalMeanMLP", "card", "load", "predict", "random_masks", "train", "to_bytes"]
+
+_HERE = Path(str(resources.files(__package__)))
+WEIGHTS, CARD = _HERE / "conditional_mean.msgpack", _HERE / "conditional_mean.json"
+PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
+
+
+class ConditionalMeanMLP(nn.Module):
+    """(observed pixels m * x, mask m), each (B, 784) -> every pixel's estimate (B, 784) in (0, 1):
+    `depth` dense layers of `width` with GELU and dropout, a sigmoid output."""
+
+    width: int = 1024
+    depth: int = 3
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, m, train: bool = False):
+        mf = m.astype(jnp.float32)
+        h = jnp.concatenate([x * mf, mf], -1)
+        for _ in range(self.depth):
+            h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(nn.Dense(self.width)(h)))
+        return nn.sigmoid(nn.Dense(PIXELS)(h))
+
+
+def random_masks(key: jax.Array, batch: int) -> jax.Array:
+    """Training masks (batch, 784), True = observed, in three families taking turns by row: a
+    missing rectangle (sides 4..28, anywhere), a missing side (top, bottom, left or right, cut at
+    7..21), missing pixels at random (each with one probability drawn from [0.1, 0.9])."""
+    ks = jax.random.split(key, 8)
+    yy, xx = jnp.arange(28)[None, :, None], jnp.arange(28)[None, None, :]
+    h = jax.random.randint(ks[0], (batch, 1, 1), 4, 29)
+    w = jax.random.randint(ks[1], (batch, 1, 1), 4, 29)
+    y0 = (jax.random.uniform(ks[2], (batch, 1, 1)) * (29 - h)).astype(int)
+    x0 = (jax.random.uniform(ks[3], (batch, 1, 1)) * (29 - w)).astype(int)
+    box = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+    cut = jax.random.randint(ks[4], (batch, 1, 1), 7, 22)
+    side = jax.random.randint(ks[5], (batch, 1, 1), 0, 4)
+    half = jnp.select([side == 0, side == 1, side == 2], [yy < cut, yy >= cut, xx < cut], xx >= cut)
+    p = jax.random.uniform(ks[6], (batch, 1, 1), minval=0.1, maxval=0.9)
+    scattered = jax.random.uniform(ks[7], (batch, 28, 28)) < p
+    family = jnp.arange(batch)[:, None, None] % 3
+    missing = jnp.select([family == 0, family == 1], [box, half], scattered)
+    return ~missing.reshape(batch, PIXELS)
+
+
+def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, batch_size: int = 256,
+          warmup: int = 500, weight_decay: float = 1e-4, model: ConditionalMeanMLP | None = None,
+          callback: Callable[[int, float, dict], None] | None = None):
+    """Parameters after `steps` of AdamW on the squared error of the missing pixels (a warm-up of
+    `warmup` steps to `lr`, then a cosine to 0). images: float (N, 28, 28, 1) in [0, 1], the
+    training split; step i (1-based) draws its batch, masks and dropout from fold_in(key(seed), i).
+    params: continue from these (a fresh optimizer and schedule); None: initialise from key(0).
+    callback(step, loss, params) is called after every step (progress, checkpoints)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= warmup or warmup < 0:
+        raise ValueError(f"steps must be an integer above warmup ({warmup}), got {steps!r}")
+    model = ConditionalMeanMLP() if model is None else model
+    x_all = jnp.asarray(check_images(images, "images")).reshape(-1, PIXELS)
+    if params is None:
+        params = model.init(jax.random.key(0), x_all[:2], jnp.ones((2, PIXELS), bool))
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), weight_decay=weight_decay)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, data, key):
+        k_batch, k_mask, k_drop = jax.random.split(key, 3)
+        x = data[jax.random.randint(k_batch, (batch_size,), 0, data.shape[0])]
+        m = random_masks(k_mask, batch_size)
+
+        def loss(p):
+            y = model.apply(p, x, m, True, rngs={"dropout": k_drop})
+            return ((y - x) ** 2 * ~m).sum() / (~m).sum()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, value
+
+    key = jax.random.key(seed)
+    for i in range(1, steps + 1):
+        params, state, value = step(params, state, x_all, jax.random.fold_in(key, i))
+        if callback is not None:
+            callback(i, value, params)
+    return params
+
+
+def to_bytes(params) -> bytes:
+    """The weights as shipped: msgpack of float16 arrays (half the bytes; PSNR moves by < 0.001 dB)."""
+    return serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, np.float16), jax.device_get(params)))
+
+
+def _template(model: ConditionalMeanMLP):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, PIXELS)), jnp.ones((1, PIXELS), bool))
+
+
+@functools.cache
+def load(path: str | None = None):
+    """The shipped network's parameters (float32), or those at `path` (written by `to_bytes`)."""
+    path = WEIGHTS if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: python -m experiments.train_conditional_mean --ship")
+    raw = serialization.from_bytes(_template(ConditionalMeanMLP()), path.read_bytes())
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw)
+
+
+def card() -> dict:
+    """The shipped network's card (its training stages and validation PSNR per mask)."""
+    return json.loads(CARD.read_text())
+
+
+@jax.jit
+def _estimate(params, x, m):
+    return ConditionalMeanMLP().apply(params, x, m)
+
+
+def predict(images, masks, params=None) -> jax.Array:
+    """The network's fill: observed pixels kept, missing ones its estimate. images float (B, 28,
+    28, 1) or (28, 28, 1) in [0, 1]; masks as `check_mask` (True = observed); same shape out."""
+    images = check_images(images, "images")
+    single = images.ndim == 3
+    batch = images.reshape(-1, *images.shape[-3:])
+    if batch.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"the conditional-mean network fills MNIST images {IMAGE_SHAPE}, got {batch.shape[1:]}")
+    masks = jnp.broadcast_to(check_mask(masks, batch.shape, "masks"), batch.shape)
+    params = load() if params is None else params
+    flat = _estimate(params, batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)).reshape(batch.shape)
+    filled = jnp.where(masks, batch, flat)
+    return filled[0] if single else filled

@@ -1,0 +1,162 @@
+"""The conditional-mean network (`jaxdnn.inpainting.regression`) and `latent`'s blend with it:
+its training masks, training that is deterministic and continues from given weights, fills that
+keep the observed pixels, the shipped weights against their card, the blend as the exact mix of
+the flow's estimate and the network's, and the training command line."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import train_conditional_mean as cli
+from jaxdnn import inpainting as ip
+from jaxdnn.data import to_unit_interval
+from jaxdnn.inpainting import regression
+from jaxdnn.inpainting.latent import as_flow
+
+TINY = regression.ConditionalMeanMLP(width=16, depth=1, dropout=0.0)
+
+
+def one_pattern(n: int) -> np.ndarray:
+    """n copies of one image (a ramp from 0.05 to 0.95): its conditional mean is itself."""
+    ramp = np.linspace(0.05, 0.95, 784, dtype=np.float32).reshape(28, 28, 1)
+    return np.broadcast_to(ramp, (n, 28, 28, 1)).copy()
+
+
+def test_random_masks_take_turns_over_three_families():
+    masks = np.asarray(regression.random_masks(jax.random.key(0), 300)).reshape(300, 28, 28)
+    np.testing.assert_array_equal(masks, np.asarray(regression.random_masks(jax.random.key(0), 300)).reshape(
+        300, 28, 28))
+    missing = ~masks
+    for box in missing[0::3]:  # one rectangle of sides 4..28
+        rows, cols = np.flatnonzero(box.any(1)), np.flatnonzero(box.any(0))
+        assert 4 <= len(rows) <= 28 and 4 <= len(cols) <= 28
+        assert box.sum() == len(rows) * len(cols) and np.ptp(rows) == len(rows) - 1
+    for side in missing[1::3]:  # a side cut at 7..21: whole rows or whole columns from an edge
+        rows, cols = side.all(1), side.all(0)
+        assert (rows.sum() * 28 == side.sum() and 7 <= rows.sum() <= 21) or (
+            cols.sum() * 28 == side.sum() and 7 <= cols.sum() <= 21)
+        line = rows if rows.any() else cols
+        assert line[0] or line[-1]
+    fractions = missing[2::3].mean((1, 2))  # scattered pixels at one rate per image
+    assert fractions.min() > 0.05 and fractions.max() < 0.95 and np.ptp(fractions) > 0.4
+
+
+def test_training_is_deterministic_learns_and_continues():
+    images = one_pattern(64)
+    losses = []
+    params = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5,
+                              callback=lambda step, loss, p: losses.append(float(loss)))
+    assert len(losses) == 120 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    again = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5)
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+    more = regression.train(images, 10, seed=4, params=params, model=TINY, lr=1e-3, warmup=2)
+    assert jax.tree.structure(more) == jax.tree.structure(params)
+    with pytest.raises(ValueError, match="above warmup"):
+        regression.train(images, 5, model=TINY, warmup=5)
+
+
+def test_weights_round_trip_through_float16(tmp_path):
+    params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
+    path = tmp_path / "w.msgpack"
+    path.write_bytes(regression.to_bytes(params))
+    full = regression.ConditionalMeanMLP()
+    with pytest.raises(ValueError):  # a network of another size is not the shipped one
+        regression.load(str(path))
+    params = full.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
+    path.write_bytes(regression.to_bytes(params))
+    back = regression.load(str(path))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        assert b.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_predict_keeps_the_observed_pixels_and_checks_its_input():
+    x = jnp.asarray(to_unit_interval(np.random.default_rng(0).integers(0, 256, (3, 28, 28), np.uint8)))
+    masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
+    out = regression.predict(x, masks)
+    obs = np.asarray(masks)
+    np.testing.assert_array_equal(np.asarray(out)[obs], np.asarray(x)[obs])
+    assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1)) and not np.allclose(out, x)
+    np.testing.assert_allclose(regression.predict(x[1], masks[1]), out[1], atol=1e-6)
+    with pytest.raises(ValueError, match="MNIST images"):
+        regression.predict(x[:, :14, :14], masks[:, :14, :14])
+
+
+@pytest.mark.mnist
+def test_the_shipped_network_reproduces_its_card():
+    """Trained on the training split only; on the card's validation images it scores what the card says."""
+    from jaxdnn.data import load_mnist
+
+    card = regression.card()
+    assert card["trained_on"].startswith("training images 0..54999")
+    lo, hi = map(int, card["validation"]["images"].split(":"))
+    x = to_unit_interval(load_mnist("validation")[0][lo:hi])
+    for mask, score in card["validation"]["scores"].items():
+        masks = ip.batch_masks(mask, np.arange(lo, hi), jax.random.split(jax.random.key(0))[0])
+        psnr = float(np.mean(np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64)))
+        assert psnr == pytest.approx(score["psnr"], abs=0.01), mask  # float16 weights: within 0.01 dB
+
+
+def test_blend_mixes_the_flow_estimate_with_the_network():
+    """latent at blend b is b * (latent at blend 1) + (1 - b) * the network's fill on the missing
+    pixels; blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
+    from tests.test_inpainting import flow_images, tiny_flow
+
+    model, params = tiny_flow()
+    flow, x, mask = as_flow(model, params), flow_images()[:2], ip.make_mask("center")
+    reference = jnp.asarray(to_unit_interval(np.random.default_rng(6).integers(0, 256, (8, 28, 28), np.uint8)))
+    run = lambda b: ip.inpaint(flow, x, mask, None, method="latent", steps=3, starts=2, reference=reference, blend=b)
+    alone, mixed = run(1.0), run(0.3)
+    want = jnp.where(mask, x, 0.3 * alone + 0.7 * regression.predict(x, mask))
+    np.testing.assert_allclose(mixed, want, atol=1e-6)
+    np.testing.assert_array_equal(run(0.0), regression.predict(x, mask))
+    with pytest.raises(ValueError, match=r"blend must lie in \[0, 1\]"):
+        run(1.5)
+    with pytest.raises(ValueError, match="blend=1"):
+        ip.inpaint(flow, x[:, :8, :8], mask[:8, :8], None, method="latent", steps=0, starts=2,
+                   reference=reference[:, :8, :8], blend=0.5)
+    with pytest.raises(ValueError, match="flow's alone"):
+        ip.inpaint_posterior(flow, x, mask, reference=reference, starts=2, blend=0.5)
+
+
+def fake_mnist(split):
+    pix = np.random.default_rng(1 if split == "train" else 2).integers(0, 256, (40 if split == "train" else 30, 28, 28),
+                                                                       np.uint8)
+    return pix, np.zeros(len(pix), np.uint8)
+
+
+@pytest.mark.parametrize("argv, match", [(["--steps", "10", "--warmup", "10"], "--steps must exceed --warmup"),
+                                         (["--val-images", "0:6000"], "out of range"),
+                                         (["--init-from", "/no/such.msgpack"], "no such file")])
+def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+
+def test_cli_trains_scores_and_continues(monkeypatch, tmp_path, capsys):
+    """Three steps on synthetic data: weights and a card with every mask's validation scores;
+    --init-from continues from them and the card names them by hash."""
+    import jaxdnn.data
+
+    monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
+    monkeypatch.setattr(cli, "NEIGHBOURS", 4)
+    first = tmp_path / "first"
+    assert cli.main(["--steps", "3", "--warmup", "1", "--val-images", "0:20", "--out", str(first)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert set(card["validation"]["scores"]) == set(ip.MASKS) and card["stage"]["steps"] == 3
+    for score in card["validation"]["scores"].values():
+        assert np.isfinite(score["psnr"]) and score["paired"]["mean"] == pytest.approx(
+            score["psnr"] - score["knn_mean_4"], abs=2e-3)
+    assert json.loads((first / "conditional_mean.json").read_text()) == card
+    weights = first / "conditional_mean.msgpack"
+    assert cli.main(["--steps", "2", "--warmup", "1", "--seed", "2", "--val-images", "0:20", "--init-from",
+                     str(weights), "--out", str(tmp_path / "second")]) == 0
+    import hashlib
+
+    stage = json.loads(capsys.readouterr().out)["stage"]
+    assert stage["init_from"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
