@@ -72,7 +72,7 @@ def mnist_available() -> bool:
 
 # Files by their summed test seconds on 2 cores (`--durations=0`): 96, 80, 63, 57, 40, 38, 34, 23.
 LONGEST_FIRST = ("test_flows.py", "test_inpainting.py", "test_train.py", "test_hw10.py", "test_readme.py",
-                 "test_distributed.py", "test_notebook.py", "test_benchmarks.py")
+                 "test_distributed.py", "test_notebook.py", "test_benchmarks.py", "test_conditional_mean.py")
 
 
 def pytest_collection_modifyitems(config, items):
