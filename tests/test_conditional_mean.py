@@ -95,7 +95,7 @@ def test_the_shipped_network_reproduces_its_card():
     for mask, score in card["validation"]["scores"].items():
         masks = ip.batch_masks(mask, np.arange(lo, hi), jax.random.split(jax.random.key(0))[0])
         psnr = float(np.mean(np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64)))
-        assert psnr == pytest.approx(score["psnr"], abs=0.01), mask  # float16 weights: within 0.01 dB
+        assert psnr == pytest.approx(score["psnr"], abs=1e-3), mask  # float16 weights: 3e-5 dB measured
 
 
 def test_blend_mixes_the_flow_estimate_with_the_network():
