@@ -25,6 +25,7 @@ import optax
 from flax import linen as nn
 from flax import serialization
 
+from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, check_images, check_mask
 
 __all__ = ["ConditionalMeanMLP", "card", "load", "predict", "random_masks", "train", "to_bytes"]
@@ -144,12 +145,10 @@ def predict(images, masks, params=None) -> jax.Array:
     """The network's fill: observed pixels kept, missing ones its estimate. images float (B, 28,
     28, 1) or (28, 28, 1) in [0, 1]; masks as `check_mask` (True = observed); same shape out."""
     images = check_images(images, "images")
-    single = images.ndim == 3
     batch = images.reshape(-1, *images.shape[-3:])
     if batch.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"the conditional-mean network fills MNIST images {IMAGE_SHAPE}, got {batch.shape[1:]}")
     masks = jnp.broadcast_to(check_mask(masks, batch.shape, "masks"), batch.shape)
     params = load() if params is None else params
-    flat = _estimate(params, batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)).reshape(batch.shape)
-    filled = jnp.where(masks, batch, flat)
-    return filled[0] if single else filled
+    estimate = _estimate(params, batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)).reshape(batch.shape)
+    return _fill(images, masks, estimate)
