@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20000, help="AdamW steps of 256 images (default 20000)")
     p.add_argument("--seed", type=int, default=1, help="draws batches, masks and dropout (default 1)")
     p.add_argument("--warmup", type=int, default=500, help="steps of linear warm-up before the cosine (default 500)")
+    p.add_argument("--named", type=int, default=0, metavar="ROWS",
+                   help="rows of each 256-image batch under the named masks, in turn (default 0: random masks only)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if not 0 <= a.warmup < a.steps:
         p.error(f"--steps must exceed --warmup >= 0, got --steps {a.steps} --warmup {a.warmup}")
+    if not 0 <= a.named <= 256:
+        p.error(f"--named must lie in 0..256 (rows of a batch), got {a.named}")
     if split_range_error(a.val_images, "validation"):
         p.error(split_range_error(a.val_images, "validation"))
     if a.init_from is not None and not Path(a.init_from).is_file():
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        params = regression.train(train_x, a.steps, a.seed, init, warmup=a.warmup, callback=progress)
+        params = regression.train(train_x, a.steps, a.seed, init, warmup=a.warmup, named=a.named,
+                                  callback=progress)
     except ValueError as e:
         fail(PROG, str(e))
     bar.close()
@@ -90,14 +95,15 @@ def main(argv=None) -> int:
                         "paired": {"mean": round(float(d.mean()), 3),
                                    "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
     stage = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), "steps": a.steps,
-             "seed": a.seed, "warmup": a.warmup, "wall_seconds": seconds,
+             "seed": a.seed, "warmup": a.warmup, "named": a.named, "wall_seconds": seconds,
              "hardware": f"{jax.device_count()} x {jax.default_backend()}"}
     if a.init_from is not None:
         stage["init_from"] = {"path": a.init_from,
                               "sha256": hashlib.sha256(Path(a.init_from).read_bytes()).hexdigest()}
     model = regression.ConditionalMeanMLP()
     card = {"model": f"ConditionalMeanMLP (width {model.width}, depth {model.depth}, dropout {model.dropout})",
-            "trained_on": "training images 0..54999 under random masks (regression.random_masks)",
+            "trained_on": "training images 0..54999 under random masks (regression.random_masks; "
+                          f"this stage: {a.named} of 256 rows the named masks)",
             "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
             "validation": {"images": f"{a.val_images[0]}:{a.val_images[1]}", "scores": scores,
                            "note": f"PSNR over the missing pixels; paired: network - mean of the {NEIGHBOURS} "

@@ -42,6 +42,17 @@ def test_random_masks_take_turns_over_three_families():
         assert line[0] or line[-1]
     fractions = missing[2::3].mean((1, 2))  # scattered pixels at one rate per image
     assert fractions.min() > 0.05 and fractions.max() < 0.95 and np.ptp(fractions) > 0.4
+    named = np.asarray(regression.random_masks(jax.random.key(0), 300, named=14)).reshape(300, 28, 28, 1)
+    np.testing.assert_array_equal(named[14:, ..., 0], masks[14:])  # the other rows as before
+    for i in range(14):  # the named masks in turn; random50 exactly half, drawn afresh
+        name = ip.MASKS[i % len(ip.MASKS)]
+        if name == "random50":
+            assert (~named[i]).sum() == 392
+        else:
+            np.testing.assert_array_equal(named[i], ip.make_mask(name))
+    assert (named[5] != named[11]).any()
+    with pytest.raises(ValueError, match="named"):
+        regression.random_masks(jax.random.key(0), 4, named=5)
 
 
 def test_training_is_deterministic_and_learns():
@@ -128,7 +139,8 @@ def fake_mnist(split):
 
 @pytest.mark.parametrize("argv, match", [(["--steps", "10", "--warmup", "10"], "--steps must exceed --warmup"),
                                          (["--val-images", "0:6000"], "out of range"),
-                                         (["--init-from", "/no/such.msgpack"], "no such file")])
+                                         (["--init-from", "/no/such.msgpack"], "no such file"),
+                                         (["--named", "257"], "--named must lie in 0..256")])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -150,10 +162,11 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
         jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
     out = tmp_path / "out"
     assert cli.main(["--steps", "3", "--warmup", "1", "--val-images", "0:20", "--init-from", str(start),
-                     "--out", str(out)]) == 0
+                     "--named", "8", "--out", str(out)]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["stage"]["init_from"]["sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
     assert set(card["validation"]["scores"]) == set(ip.MASKS) and card["stage"]["steps"] == 3
+    assert card["stage"]["named"] == 8
     for score in card["validation"]["scores"].values():
         assert np.isfinite(score["psnr"]) and score["paired"]["mean"] == pytest.approx(
             score["psnr"] - score["knn_mean_4"], abs=2e-3)

@@ -26,7 +26,7 @@ from flax import linen as nn
 from flax import serialization
 
 from jaxdnn.inpainting.baselines import _fill
-from jaxdnn.inpainting.masks import IMAGE_SHAPE, check_images, check_mask
+from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
 
 __all__ = ["ConditionalMeanMLP", "card", "load", "predict", "random_masks", "train", "to_bytes"]
 
@@ -52,10 +52,13 @@ class ConditionalMeanMLP(nn.Module):
         return nn.sigmoid(nn.Dense(PIXELS)(h))
 
 
-def random_masks(key: jax.Array, batch: int) -> jax.Array:
+def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
     """Training masks (batch, 784), True = observed, in three families taking turns by row: a
     missing rectangle (sides 4..28, anywhere), a missing side (top, bottom, left or right, cut at
-    7..21), missing pixels at random (each with one probability drawn from [0.1, 0.9])."""
+    7..21), missing pixels at random (each with one probability drawn from [0.1, 0.9]). The first
+    `named` rows instead take the named masks (`masks.MASKS`) in turn, random50 drawn afresh."""
+    if not 0 <= named <= batch:
+        raise ValueError(f"named must lie in 0..{batch}, got {named}")
     ks = jax.random.split(key, 8)
     yy, xx = jnp.arange(28)[None, :, None], jnp.arange(28)[None, None, :]
     h = jax.random.randint(ks[0], (batch, 1, 1), 4, 29)
@@ -69,17 +72,27 @@ def random_masks(key: jax.Array, batch: int) -> jax.Array:
     p = jax.random.uniform(ks[6], (batch, 1, 1), minval=0.1, maxval=0.9)
     scattered = jax.random.uniform(ks[7], (batch, 28, 28)) < p
     family = jnp.arange(batch)[:, None, None] % 3
-    missing = jnp.select([family == 0, family == 1], [box, half], scattered)
-    return ~missing.reshape(batch, PIXELS)
+    missing = jnp.select([family == 0, family == 1], [box, half], scattered).reshape(batch, PIXELS)
+    if named:
+        with jax.ensure_compile_time_eval():  # constants, also when traced inside `train`'s step
+            fixed = np.stack([~np.asarray(make_mask(n)).reshape(PIXELS) for n in MASKS if n != "random50"])
+        rank = jnp.argsort(jnp.argsort(jax.random.uniform(jax.random.fold_in(key, 8), (batch, PIXELS)), axis=1), axis=1)
+        which = jnp.arange(batch) % len(MASKS)
+        table = jnp.concatenate([jnp.asarray(fixed), jnp.zeros((1, PIXELS), bool)])[
+            jnp.where(which < len(fixed), which, len(fixed))]
+        chosen = jnp.where((which == len(fixed))[:, None], rank < PIXELS // 2, table)
+        missing = jnp.where((jnp.arange(batch) < named)[:, None], chosen, missing)
+    return ~missing
 
 
 def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, batch_size: int = 256,
-          warmup: int = 500, weight_decay: float = 1e-4, model: ConditionalMeanMLP | None = None,
+          warmup: int = 500, weight_decay: float = 1e-4, named: int = 0, model: ConditionalMeanMLP | None = None,
           callback: Callable[[int, float, dict], None] | None = None):
     """Parameters after `steps` of AdamW on the squared error of the missing pixels (a warm-up of
     `warmup` steps to `lr`, then a cosine to 0). images: float (N, 28, 28, 1) in [0, 1], the
     training split; step i (1-based) draws its batch, masks and dropout from fold_in(key(seed), i).
     params: continue from these (a fresh optimizer and schedule); None: initialise from key(0).
+    named: rows of each batch under the named masks (`random_masks`); 0 = random families only.
     callback(step, loss, params) is called after every step (progress, checkpoints)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= warmup or warmup < 0:
         raise ValueError(f"steps must be an integer above warmup ({warmup}), got {steps!r}")
@@ -94,7 +107,7 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
     def step(params, state, data, key):
         k_batch, k_mask, k_drop = jax.random.split(key, 3)
         x = data[jax.random.randint(k_batch, (batch_size,), 0, data.shape[0])]
-        m = random_masks(k_mask, batch_size)
+        m = random_masks(k_mask, batch_size, named)
 
         def loss(p):
             y = model.apply(p, x, m, True, rngs={"dropout": k_drop})
