@@ -109,9 +109,20 @@ def test_the_shipped_network_reproduces_its_card():
         assert psnr == pytest.approx(score["psnr"], abs=1e-3), mask  # float16 weights: 3e-5 dB measured
 
 
+def test_edge_fraction_counts_missing_pixels_beside_observed_ones():
+    masks = np.stack([np.asarray(ip.make_mask(n, jax.random.key(i))) for i, n in enumerate(ip.MASKS)]
+                     + [np.ones((28, 28, 1), bool), np.zeros((28, 28, 1), bool)])
+    for m, got in zip(masks[..., 0], np.asarray(ip.edge_fraction(masks)), strict=True):
+        beside = [any(0 <= i + di < 28 and 0 <= j + dj < 28 and m[i + di, j + dj]
+                      for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)))
+                  for i in range(28) for j in range(28) if not m[i, j]]
+        assert got == pytest.approx(np.mean(beside) if beside else 0.0, abs=1e-6)
+    assert np.asarray(ip.edge_fraction(masks[1:2]))[0] == pytest.approx(1 / 14)  # top_half: one row of 14
+
+
 def test_blend_mixes_the_flow_estimate_with_the_network():
-    """latent at blend b is b * (latent at blend 1) + (1 - b) * the network's fill on the missing
-    pixels; blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
+    """latent at blend b is w * (latent at blend 1) + (1 - w) * the network's fill on the missing
+    pixels, w = max(b, edge_fraction); blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
     from tests.test_inpainting import flow_images, tiny_flow
 
     model, params = tiny_flow()
@@ -121,7 +132,9 @@ def test_blend_mixes_the_flow_estimate_with_the_network():
     alone, mixed = run(1.0), run(0.3)
     want = jnp.where(mask, x, 0.3 * alone + 0.7 * regression.predict(x, mask))
     np.testing.assert_allclose(mixed, want, atol=1e-6)
-    np.testing.assert_array_equal(run(0.0), regression.predict(x, mask))
+    edge = 52 / 196  # center: the 14 x 14 square's border
+    np.testing.assert_allclose(run(0.0), jnp.where(mask, x, edge * alone + (1 - edge) * regression.predict(x, mask)),
+                               atol=1e-6)
     with pytest.raises(ValueError, match=r"blend must lie in \[0, 1\]"):
         run(1.5)
     with pytest.raises(ValueError, match="blend=1"):

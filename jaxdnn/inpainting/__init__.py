@@ -44,6 +44,7 @@ from jaxdnn.inpainting.masks import (
     batch_masks,
     check_images,
     check_mask,
+    edge_fraction,
     make_mask,
     masked_mse,
     masked_psnr,
@@ -61,7 +62,7 @@ __all__ = [
     "LATENT_MAP_DEFAULTS", "LATENT_METHODS", "MASKS", "METHODS", "PGD_DEFAULTS", "PIXEL_METHODS", "STEPS",
     "FLOW_STEPS", "Flow", "InpaintResult", "Posterior", "annealed_optimizer", "as_flow", "batch_masks", "check_images",
     "check_mask", "check_options", "default_steps", "evaluate", "inpaint_posterior",
-    "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
+    "edge_fraction", "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
     "mean_fill", "nearest_neighbor", "nearest_training_images", "pgd_optimizer", "pixel_mean",
 ]
 
@@ -123,8 +124,9 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
         pixels start the searches (recommended); None starts from scaled prior noise.
     options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
-        "latent", blend: the weight of the flow's estimate against the conditional-mean network's,
-        1 for the flow alone, needed for images other than MNIST's 28 x 28 x 1).
+        "latent", blend: the least weight of the flow's estimate against the conditional-mean
+        network's (per image max(blend, `edge_fraction(mask)`)), 1 for the flow alone, needed for
+        images other than MNIST's 28 x 28 x 1).
 
     Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
     `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
@@ -341,15 +343,19 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
 
 
 def _blend(flow_mean, images, masks, blend):
-    """blend * the flow's estimate + (1 - blend) * the conditional-mean network's fill on the missing
-    pixels (`regression.predict`, shipped weights); blend = 1: the flow's estimate as it is."""
+    """w * the flow's estimate + (1 - w) * the conditional-mean network's fill on the missing pixels
+    (`regression.predict`, shipped weights), per image w = max(blend, `edge_fraction` of its mask):
+    the flow's weight rises where most missing pixels have observed neighbours (scattered masks);
+    blend = 1: the flow's estimate as it is."""
     if not isinstance(blend, jax.core.Tracer) and float(blend) == 1.0:
         return flow_mean
     if images.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"blend < 1 mixes in the conditional-mean network, which fills MNIST images {IMAGE_SHAPE}; "
                          f"pass blend=1 (the flow alone) for images of shape {images.shape[1:]}")
+    masks = jnp.broadcast_to(masks, images.shape)
     network = regression.predict(images, masks)
-    return jnp.where(masks, images, blend * flow_mean + (1.0 - blend) * network)
+    w = jnp.maximum(blend, edge_fraction(masks))[:, None, None, None]
+    return jnp.where(masks, images, w * flow_mean + (1.0 - w) * network)
 
 
 def _check_method(method: str) -> None:
