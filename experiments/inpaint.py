@@ -6,8 +6,9 @@
 
 Fills the missing pixels of images START..STOP-1 of the split with any of the methods of
 `jaxdnn.inpainting` (latent space: `latent`, the default, which starts its searches from the
-training images nearest on the observed pixels and blends their weighted mean with a learned
-conditional mean, and `latent_map`; pixel space: `pgd`, the course's 300 plain steps of 1e-3
+training images nearest to a learned conditional mean's fill and blends their weighted mean with
+that fill (with `--blend 1`, the flow alone, from those nearest on the observed pixels), and
+`latent_map`; pixel space: `pgd`, the course's 300 plain steps of 1e-3
 from missing pixels at 1, `annealed`, `langevin`). Reports, over the missing pixels only, the
 mean PSNR (peak 1), the mean MSE, the mean bits/dim of the inpainted images and the plausibility
 classifier's accuracy, beside baselines computed in the same run (mean_fill, nearest_neighbor,

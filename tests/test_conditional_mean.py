@@ -121,20 +121,26 @@ def test_edge_fraction_counts_missing_pixels_beside_observed_ones():
 
 
 def test_blend_mixes_the_flow_estimate_with_the_network():
-    """latent at blend b is w * (latent at blend 1) + (1 - w) * the network's fill on the missing
-    pixels, w = max(b, edge_fraction); blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
+    """latent at blend b < 1 is w * (the searches guided by the network's fill) + (1 - w) * that fill
+    on the missing pixels, w = max(b, edge_fraction); at b = 1 the flow alone from the neighbours on the
+    observed pixels; blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
+    from jaxdnn.inpainting import latent
     from tests.test_inpainting import flow_images, tiny_flow
 
     model, params = tiny_flow()
     flow, x, mask = as_flow(model, params), flow_images()[:2], ip.make_mask("center")
     reference = jnp.asarray(to_unit_interval(np.random.default_rng(6).integers(0, 256, (8, 28, 28), np.uint8)))
     run = lambda b: ip.inpaint(flow, x, mask, None, method="latent", steps=3, starts=2, reference=reference, blend=b)
-    alone, mixed = run(1.0), run(0.3)
-    want = jnp.where(mask, x, 0.3 * alone + 0.7 * regression.predict(x, mask))
-    np.testing.assert_allclose(mixed, want, atol=1e-6)
+    masks, net = jnp.broadcast_to(mask, x.shape), regression.predict(x, mask)
+    hyper = {k: jnp.float32(v) for k, v in ip.check_options("latent").items() if k not in ("starts", "rounds")}
+    searches = lambda guide: latent.latent(flow, x, masks, jax.random.split(jax.random.key(0), 2), hyper, 3, 2,
+                                           reference, guide=guide)[0]
+    np.testing.assert_allclose(run(1.0), searches(None), atol=1e-6)
+    guided = searches(net)
+    assert np.abs(np.asarray(guided - searches(None))).max() > 1e-3  # other starts
+    np.testing.assert_allclose(run(0.3), jnp.where(mask, x, 0.3 * guided + 0.7 * net), atol=1e-6)
     edge = 52 / 196  # center: the 14 x 14 square's border
-    np.testing.assert_allclose(run(0.0), jnp.where(mask, x, edge * alone + (1 - edge) * regression.predict(x, mask)),
-                               atol=1e-6)
+    np.testing.assert_allclose(run(0.0), jnp.where(mask, x, edge * guided + (1 - edge) * net), atol=1e-6)
     with pytest.raises(ValueError, match=r"blend must lie in \[0, 1\]"):
         run(1.5)
     with pytest.raises(ValueError, match="blend=1"):
@@ -142,6 +148,24 @@ def test_blend_mixes_the_flow_estimate_with_the_network():
                    reference=reference[:, :8, :8], blend=0.5)
     with pytest.raises(ValueError, match="flow's alone"):
         ip.inpaint_posterior(flow, x, mask, reference=reference, starts=2, blend=0.5)
+
+
+def test_guide_starts_the_searches_from_its_nearest_reference_images():
+    """With a guide, search k starts from the reference image k-th nearest to the guide on every
+    pixel: guides equal to reference images 5 and 2, one start, no steps, give those images back."""
+    from jaxdnn.inpainting import latent
+    from tests.test_inpainting import flow_images, tiny_flow
+
+    model, params = tiny_flow()
+    flow, x, mask = as_flow(model, params), flow_images()[:2], ip.make_mask("center")
+    reference = jnp.asarray(to_unit_interval(np.random.default_rng(6).integers(0, 256, (8, 28, 28), np.uint8)))
+    reference = reference.reshape(8, 28, 28, 1)
+    hyper = {k: jnp.float32(v) for k, v in ip.check_options("latent").items() if k not in ("starts", "rounds")}
+    masks = jnp.broadcast_to(mask, x.shape)
+    found = latent.candidates(flow, x, masks, None, hyper, 0, 1, reference, guide=reference[jnp.array([5, 2])])
+    missing = ~np.asarray(masks)
+    want = np.asarray(reference[jnp.array([5, 2])])
+    np.testing.assert_allclose(np.asarray(found.fills[:, 0])[missing], want[missing], atol=2e-3)
 
 
 def fake_mnist(split):

@@ -11,7 +11,8 @@ families, every one ending inside the constraint set C (observed pixels bit-for-
   ``langevin`` (posterior mean of Langevin chains in logit coordinates);
 - latent space (`latent.py`): ``latent_map`` (the MAP of the flow's latents given the observed
   pixels, decoded) and ``latent`` (several such searches weighted by their posterior energies:
-  the posterior mean that PSNR rewards, blended with a learned conditional mean, `regression.py`;
+  the posterior mean that PSNR rewards, blended with a learned conditional mean, `regression.py`,
+  whose fill also picks the searches' starts;
   `inpaint_posterior` returns the searches themselves).
 
 Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`).
@@ -125,7 +126,8 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         pixels start the searches (recommended); None starts from scaled prior noise.
     options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
         "latent", blend: the least weight of the flow's estimate against the conditional-mean
-        network's (per image max(blend, `edge_fraction(mask)`)), 1 for the flow alone, needed for
+        network's (per image max(blend, `edge_fraction(mask)`)); below 1 the searches also start
+        from the reference images nearest to the network's fill; 1 for the flow alone, needed for
         images other than MNIST's 28 x 28 x 1).
 
     Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
@@ -173,9 +175,11 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     elif method == "latent_map":
         out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hyper, steps)
     else:
-        out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
-                                    counts["starts"], reference, counts["rounds"])
-        out = _blend(out, images, masks, hyper["blend"])
+        masks = jnp.broadcast_to(masks, images.shape)
+        network = _network_fill(images, masks, hyper["blend"])  # None for the flow alone
+        out, losses = latent.latent(flow, images, masks, keys, hyper, steps, counts["starts"], reference,
+                                    counts["rounds"], guide=network)
+        out = out if network is None else _blend(out, images, masks, hyper["blend"], network)
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
@@ -342,18 +346,21 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     return hyper, counts
 
 
-def _blend(flow_mean, images, masks, blend):
-    """w * the flow's estimate + (1 - w) * the conditional-mean network's fill on the missing pixels
-    (`regression.predict`, shipped weights), per image w = max(blend, `edge_fraction` of its mask):
-    the flow's weight rises where most missing pixels have observed neighbours (scattered masks);
-    blend = 1: the flow's estimate as it is."""
+def _network_fill(images, masks, blend):
+    """The conditional-mean network's fill (`regression.predict`, shipped weights) when `blend` < 1,
+    None for blend = 1 (the flow alone: any image shape)."""
     if not isinstance(blend, jax.core.Tracer) and float(blend) == 1.0:
-        return flow_mean
+        return None
     if images.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"blend < 1 mixes in the conditional-mean network, which fills MNIST images {IMAGE_SHAPE}; "
                          f"pass blend=1 (the flow alone) for images of shape {images.shape[1:]}")
-    masks = jnp.broadcast_to(masks, images.shape)
-    network = regression.predict(images, masks)
+    return regression.predict(images, masks)
+
+
+def _blend(flow_mean, images, masks, blend, network):
+    """w * the flow's estimate + (1 - w) * the network's fill on the missing pixels, per image
+    w = max(blend, `edge_fraction` of its mask): the flow's weight rises where most missing pixels
+    have observed neighbours (scattered masks). masks (B, H, W, C)."""
     w = jnp.maximum(blend, edge_fraction(masks))[:, None, None, None]
     return jnp.where(masks, images, w * flow_mean + (1.0 - w) * network)
 
