@@ -71,7 +71,7 @@ LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
 # (Glow bottom_half, 0..99: 0.09), and keeps random50 at the flow's +3.1-3.2 dB (a fixed 0.5: -0.3-0.45).
 # With blend < 1 the searches start from the training images nearest to the network's fill on every pixel
 # (`candidates(guide=)`) rather than nearest on the observed pixels: validation, over the 32 neighbours'
-# mean, +0.06 to +0.16 dB on top_half, bottom_half and left_half with both flows (docs/inpainting.md).
+# mean, +0.02 to +0.16 dB on every flow and mask tried (docs/inpainting.md).
 LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 1, "init_scale": 0.7,
                    "temperature": 200.0, "blend": 0.4}
 START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
