@@ -100,8 +100,21 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
     x_all = jnp.asarray(check_images(images, "images")).reshape(-1, PIXELS)
     if params is None:
         params = model.init(jax.random.key(0), x_all[:2], jnp.ones((2, PIXELS), bool))
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), weight_decay=weight_decay)
+    opt, step = _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named)
     state = opt.init(params)
+
+    key = jax.random.key(seed)
+    for i in range(1, steps + 1):
+        params, state, value = step(params, state, x_all, jax.random.fold_in(key, i))
+        if callback is not None:
+            callback(i, value, params)
+    return params
+
+
+@functools.cache
+def _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named):
+    """`train`'s optimizer and jitted step, built once per setting (repeated calls do not recompile)."""
+    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), weight_decay=weight_decay)
 
     @jax.jit
     def step(params, state, data, key):
@@ -117,12 +130,7 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, value
 
-    key = jax.random.key(seed)
-    for i in range(1, steps + 1):
-        params, state, value = step(params, state, x_all, jax.random.fold_in(key, i))
-        if callback is not None:
-            callback(i, value, params)
-    return params
+    return opt, step
 
 
 def to_bytes(params) -> bytes:
