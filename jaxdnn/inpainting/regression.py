@@ -78,9 +78,8 @@ def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
             fixed = np.stack([~np.asarray(make_mask(n)).reshape(PIXELS) for n in MASKS if n != "random50"])
         rank = jnp.argsort(jnp.argsort(jax.random.uniform(jax.random.fold_in(key, 8), (batch, PIXELS)), axis=1), axis=1)
         which = jnp.arange(batch) % len(MASKS)
-        table = jnp.concatenate([jnp.asarray(fixed), jnp.zeros((1, PIXELS), bool)])[
-            jnp.where(which < len(fixed), which, len(fixed))]
-        chosen = jnp.where((which == len(fixed))[:, None], rank < PIXELS // 2, table)
+        chosen = jnp.where((which == len(fixed))[:, None], rank < PIXELS // 2,
+                           jnp.asarray(fixed)[jnp.minimum(which, len(fixed) - 1)])
         missing = jnp.where((jnp.arange(batch) < named)[:, None], chosen, missing)
     return ~missing
 
