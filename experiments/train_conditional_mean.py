@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=500, help="steps of linear warm-up before the cosine (default 500)")
     p.add_argument("--named", type=int, default=0, metavar="ROWS",
                    help="rows of each 256-image batch under the named masks, in turn (default 0: random masks only)")
+    p.add_argument("--objective", choices=("mse", "psnr"), default="mse",
+                   help="mse: the squared error pooled over the batch; psnr: the mean of each image's log MSE "
+                        "(default mse)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the peak learning rate (default 0.001)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
@@ -47,6 +51,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if not 0 <= a.warmup < a.steps:
         p.error(f"--steps must exceed --warmup >= 0, got --steps {a.steps} --warmup {a.warmup}")
+    if not a.lr > 0:
+        p.error(f"--lr must be positive, got {a.lr}")
     if not 0 <= a.named <= 256:
         p.error(f"--named must lie in 0..256 (rows of a batch), got {a.named}")
     if split_range_error(a.val_images, "validation"):
@@ -79,8 +85,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        params = regression.train(train_x, a.steps, a.seed, init, warmup=a.warmup, named=a.named,
-                                  callback=progress)
+        params = regression.train(train_x, a.steps, a.seed, init, lr=a.lr, warmup=a.warmup, named=a.named,
+                                  objective=a.objective, callback=progress)
     except ValueError as e:
         fail(PROG, str(e))
     bar.close()
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
                         "paired": {"mean": round(float(d.mean()), 3),
                                    "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
     stage = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), "steps": a.steps,
-             "seed": a.seed, "warmup": a.warmup, "named": a.named, "wall_seconds": seconds,
+             "seed": a.seed, "warmup": a.warmup, "lr": a.lr, "named": a.named, "objective": a.objective,
+             "wall_seconds": seconds,
              "hardware": f"{jax.device_count()} x {jax.default_backend()}"}
     if a.init_from is not None:
         stage["init_from"] = {"path": a.init_from,

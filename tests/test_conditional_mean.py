@@ -67,6 +67,28 @@ def test_training_is_deterministic_and_learns():
         regression.train(images, 5, model=TINY, warmup=5)
 
 
+@pytest.mark.parametrize("objective", regression.OBJECTIVES)
+def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
+    images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)
+    first = []
+    regression.train(images, 2, seed=5, model=TINY, warmup=1, batch_size=8, objective=objective,
+                     callback=lambda step, loss, p: first.append(float(loss)) if step == 1 else None)
+    # step 1 by hand: its batch, masks and (no) dropout from fold_in(key(5), 1), the initial weights
+    k_batch, k_mask, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 1), 3)
+    x = images[np.asarray(jax.random.randint(k_batch, (8,), 0, 40))]
+    m = np.asarray(regression.random_masks(k_mask, 8)).reshape(x.shape)
+    flat = jnp.asarray(x).reshape(8, -1)
+    params = TINY.init(jax.random.key(0), flat[:2], jnp.ones((2, 784), bool))
+    fill = np.asarray(TINY.apply(params, flat, jnp.asarray(m).reshape(8, -1))).reshape(x.shape)
+    squared = ((fill - x) ** 2 * ~m).astype(np.float64)
+    expected = (squared.sum() / (~m).sum() if objective == "mse" else
+                np.mean(np.log(np.asarray(ip.masked_mse(jnp.asarray(fill), jnp.asarray(x), m), np.float64)
+                               + regression.PSNR_EPS)))
+    np.testing.assert_allclose(first[0], expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        regression.train(images, 2, model=TINY, warmup=1, objective="l1")
+
+
 def test_weights_round_trip_through_float16(tmp_path):
     params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path = tmp_path / "w.msgpack"

@@ -52,8 +52,9 @@ def random_input(key: jax.Array, shape: tuple, unit_interval: bool = False) -> j
     return jax.random.normal(key, shape)
 
 
+@jax.jit
 def perturb(params, key: jax.Array, scale: float = 0.1):
-    """params plus N(0, scale^2) noise on every leaf."""
+    """params plus N(0, scale^2) noise on every leaf (jitted: one compilation a tree, not a leaf shape)."""
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     return tree.unflatten([a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)])
