@@ -1,7 +1,7 @@
 """Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
-        [--init-from FILE] [--val-images 0:500] [--out DIR] [--ship]
+        [--objective mse|psnr] [--lr 1e-3] [--init-from FILE] [--val-images 0:500] [--out DIR] [--ship]
 
 Training images 0..54999 under random masks; the card gives, for validation images (never test
 images) and every named mask, the network's PSNR over the missing pixels beside the mean of the
@@ -10,8 +10,9 @@ Writes DIR/conditional_mean.msgpack (float32: `--init-from` continues from it bi
 fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship` also writes the float16
 copy and the card into the package (what `regression.predict` loads). The shipped network:
 `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
-`--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, each `--init-from` the
-last one's output (docs/inpainting.md).
+`--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
+--named 128 --objective psnr --lr 3e-4 --warmup 200`, each `--init-from` the last one's output
+(docs/inpainting.md).
 """
 
 from __future__ import annotations

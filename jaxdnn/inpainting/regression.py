@@ -2,7 +2,8 @@
 regresses the missing pixels on the observed ones, E[x | observed pixels], for any mask.
 
 PSNR is a squared error, and the estimate that minimizes it is the posterior mean; this network
-is trained for exactly that, with no flow. `latent` blends it with the flow's posterior mean
+is trained for that, with no flow (its last stage on the mean over images of log MSE, which is
+what a mean PSNR scores: `train(objective="psnr")`). `latent` blends it with the flow's posterior mean
 (`LATENT_DEFAULTS["blend"]`): the two err differently (validation, docs/inpainting.md), and
 the scoring reports what the flow adds over the network alone ("conditional_mean").
 
