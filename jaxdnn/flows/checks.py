@@ -70,7 +70,7 @@ def logdet_check(apply_fn, x: jax.Array) -> tuple[float, float]:
     """(reported log_det, slogdet of the brute-force Jacobian) for `apply_fn(x (1, ...)) ->
     (y or list of latents, log_det (1,))`, both in float64."""
     with jax.enable_x64(True):
-        x = jnp.asarray(x, jnp.float64)
+        x = np.asarray(x, np.float64)
 
         def flat(v):
             out, _ = apply_fn(v.reshape(x.shape))
@@ -82,7 +82,7 @@ def logdet_check(apply_fn, x: jax.Array) -> tuple[float, float]:
 
 
 def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # NumPy: no compilation a leaf shape
 
 
 GLOW_STEP = ("actnorm", "invconv1x1_lu", "affine_coupling_glow")
