@@ -34,6 +34,7 @@ __all__ = ["OBJECTIVES", "ConditionalMeanMLP", "card", "load", "predict", "rando
 _HERE = Path(str(resources.files(__package__)))
 WEIGHTS, CARD = _HERE / "conditional_mean.msgpack", _HERE / "conditional_mean.json"
 PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
+OBJECTIVES = ("mse", "psnr")  # train's objective: the pooled squared error, or the mean log MSE of the images
 PSNR_EPS = 1e-4  # objective "psnr": log(MSE + this), so a near-perfect fill (> 40 dB) stops pulling
 
 
@@ -84,9 +85,6 @@ def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
                            jnp.asarray(fixed)[jnp.minimum(which, len(fixed) - 1)])
         missing = jnp.where((jnp.arange(batch) < named)[:, None], chosen, missing)
     return ~missing
-
-
-OBJECTIVES = ("mse", "psnr")
 
 
 def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, batch_size: int = 256,
