@@ -82,7 +82,7 @@ def logdet_check(apply_fn, x: jax.Array) -> tuple[float, float]:
 
 
 def to64(tree):
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # NumPy: no compilation a leaf shape
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # NumPy: no compilation per leaf shape
 
 
 GLOW_STEP = ("actnorm", "invconv1x1_lu", "affine_coupling_glow")
