@@ -131,8 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"latent: T of the searches' weights softmax(-E / T), inf for equal weights "
                         f"(default {ip.LATENT_DEFAULTS['temperature']:g})")
     p.add_argument("--blend", type=float, default=None,
-                   help=f"latent: least weight of the flow's estimate against the conditional-mean network's (per "
-                        f"image max(B, the mask's edge fraction)), 1 for the flow alone "
+                   help=f"latent: weight of the flow's estimate against the conditional-mean network's, 1 for "
+                        f"the flow alone "
                         f"(default {ip.LATENT_DEFAULTS['blend']:g})")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--batch-size", type=int, default=100,

@@ -1,7 +1,8 @@
 """Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
-        [--objective mse|psnr] [--lr 1e-3] [--init-from FILE] [--val-images 0:500] [--out DIR] [--ship]
+        [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--init-from FILE] [--val-images 0:500]
+        [--out DIR] [--ship]
 
 Training images 0..54999 under random masks; the card gives, for validation images (never test
 images) and every named mask, the network's PSNR over the missing pixels beside the mean of the
@@ -11,8 +12,9 @@ fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship` also write
 copy and the card into the package (what `regression.predict` loads). The shipped network:
 `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
 `--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
---named 128 --objective psnr --lr 3e-4 --warmup 200`, each `--init-from` the last one's output
-(docs/inpainting.md).
+--named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 4000 --seed 7
+--named 128 --objective psnr --warmup 200 --trainable refiner` (the convolutional refiner on the frozen
+core), each `--init-from` the last one's output (docs/inpainting.md).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
                    help="mse: the squared error pooled over the batch; psnr: the mean of each image's log MSE "
                         "(default mse)")
     p.add_argument("--lr", type=float, default=1e-3, help="the peak learning rate (default 0.001)")
+    p.add_argument("--trainable", choices=("all", "refiner"), default="all",
+                   help="all: every weight; refiner: the convolutional refiner alone, the dense core frozen "
+                        "(default all)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
@@ -87,7 +92,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         params = regression.train(train_x, a.steps, a.seed, init, lr=a.lr, warmup=a.warmup, named=a.named,
-                                  objective=a.objective, callback=progress)
+                                  objective=a.objective, trainable=a.trainable,
+                                  callback=progress)
     except ValueError as e:
         fail(PROG, str(e))
     bar.close()
@@ -105,13 +111,14 @@ def main(argv=None) -> int:
                                    "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
     stage = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), "steps": a.steps,
              "seed": a.seed, "warmup": a.warmup, "lr": a.lr, "named": a.named, "objective": a.objective,
-             "wall_seconds": seconds,
+             "trainable": a.trainable, "wall_seconds": seconds,
              "hardware": f"{jax.device_count()} x {jax.default_backend()}"}
     if a.init_from is not None:
         stage["init_from"] = {"path": a.init_from,
                               "sha256": hashlib.sha256(Path(a.init_from).read_bytes()).hexdigest()}
-    model = regression.ConditionalMeanMLP()
-    card = {"model": f"ConditionalMeanMLP (width {model.width}, depth {model.depth}, dropout {model.dropout})",
+    model = regression.ConditionalMeanNet()
+    card = {"model": f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout "
+                     f"{model.dropout}; refiner: {model.refiner} channels, dilations {regression.DILATIONS})",
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "
                           f"this stage: {a.named} of 256 rows the named masks)",
             "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),

@@ -16,7 +16,7 @@ from jaxdnn.data import to_unit_interval
 from jaxdnn.inpainting import regression
 from jaxdnn.inpainting.latent import as_flow
 
-TINY = regression.ConditionalMeanMLP(width=16, depth=1, dropout=0.0)
+TINY = regression.ConditionalMeanNet(width=16, depth=1, dropout=0.0, refiner=2)
 
 
 def one_pattern(n: int) -> np.ndarray:
@@ -67,6 +67,40 @@ def test_training_is_deterministic_and_learns():
         regression.train(images, 5, model=TINY, warmup=5)
 
 
+def test_the_refiner_starts_at_zero_and_trains_alone_on_request():
+    """A fresh refiner adds nothing (its last convolution is zero): the estimates are the dense
+    core's alone; trainable="refiner" moves the refiner's weights and leaves the core's bit for bit."""
+    x = jnp.asarray(one_pattern(4).reshape(4, 784))
+    m = regression.random_masks(jax.random.key(1), 4)
+    params = TINY.init(jax.random.key(0), x, m)
+    core = regression.ConditionalMeanNet(width=16, depth=1, dropout=0.0, refiner=0)
+    core_params = {"params": {k: v for k, v in params["params"].items() if k != "refiner"}}
+    np.testing.assert_array_equal(TINY.apply(params, x, m), core.apply(core_params, x, m))
+    after = regression.train(one_pattern(64), 6, seed=2, params=params, model=TINY, lr=1e-2, warmup=1,
+                             batch_size=8, trainable="refiner")
+    jax.tree.map(np.testing.assert_array_equal, core_params["params"],
+                 {k: v for k, v in after["params"].items() if k != "refiner"})
+    assert not np.array_equal(after["params"]["refiner"]["Conv_5"]["kernel"], 0)
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        regression.train(one_pattern(8), 2, model=TINY, warmup=1, trainable="core")
+    with pytest.raises(ValueError, match="needs a model with a refiner"):
+        regression.train(one_pattern(8), 2, model=core, warmup=1, trainable="refiner")
+
+
+def test_weights_of_the_core_alone_load_with_a_zero_refiner(tmp_path):
+    """Files written before the refiner (the dense core's weights only) load and estimate as before."""
+    core = regression.ConditionalMeanNet(refiner=0)
+    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), regression.random_masks(jax.random.key(2), 2)
+    params = core.init(jax.random.key(4), x, m)
+    path = tmp_path / "core.msgpack"
+    path.write_bytes(regression.to_bytes(params))
+    loaded = regression.load(str(path))
+    assert set(loaded["params"]) == set(params["params"]) | {"refiner"}
+    core16 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float16), jnp.float32), params)
+    np.testing.assert_allclose(regression.ConditionalMeanNet().apply(loaded, x, m), core.apply(core16, x, m),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("objective", regression.OBJECTIVES)
 def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
     images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)
@@ -93,7 +127,7 @@ def test_weights_round_trip_through_float16(tmp_path):
     params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path = tmp_path / "w.msgpack"
     path.write_bytes(regression.to_bytes(params))
-    full = regression.ConditionalMeanMLP()
+    full = regression.ConditionalMeanNet()
     with pytest.raises(ValueError):  # a network of another size is not the shipped one
         regression.load(str(path))
     params = full.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
@@ -131,20 +165,9 @@ def test_the_shipped_network_reproduces_its_card():
         assert psnr == pytest.approx(score["psnr"], abs=1e-3), mask  # float16 weights: 3e-5 dB measured
 
 
-def test_edge_fraction_counts_missing_pixels_beside_observed_ones():
-    masks = np.stack([np.asarray(ip.make_mask(n, jax.random.key(i))) for i, n in enumerate(ip.MASKS)]
-                     + [np.ones((28, 28, 1), bool), np.zeros((28, 28, 1), bool)])
-    for m, got in zip(masks[..., 0], np.asarray(ip.edge_fraction(masks)), strict=True):
-        beside = [any(0 <= i + di < 28 and 0 <= j + dj < 28 and m[i + di, j + dj]
-                      for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)))
-                  for i in range(28) for j in range(28) if not m[i, j]]
-        assert got == pytest.approx(np.mean(beside) if beside else 0.0, abs=1e-6)
-    assert np.asarray(ip.edge_fraction(masks[1:2]))[0] == pytest.approx(1 / 14)  # top_half: one row of 14
-
-
 def test_blend_mixes_the_flow_estimate_with_the_network():
-    """latent at blend b < 1 is w * (the searches guided by the network's fill) + (1 - w) * that fill
-    on the missing pixels, w = max(b, edge_fraction); at b = 1 the flow alone from the neighbours on the
+    """latent at blend b < 1 is b * (the searches guided by the network's fill) + (1 - b) * that fill
+    on the missing pixels; at b = 1 the flow alone from the neighbours on the
     observed pixels; blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
     from jaxdnn.inpainting import latent
     from tests.test_inpainting import flow_images, tiny_flow
@@ -161,8 +184,7 @@ def test_blend_mixes_the_flow_estimate_with_the_network():
     guided = searches(net)
     assert np.abs(np.asarray(guided - searches(None))).max() > 1e-3  # other starts
     np.testing.assert_allclose(run(0.3), jnp.where(mask, x, 0.3 * guided + 0.7 * net), atol=1e-6)
-    edge = 52 / 196  # center: the 14 x 14 square's border
-    np.testing.assert_allclose(run(0.0), jnp.where(mask, x, edge * guided + (1 - edge) * net), atol=1e-6)
+    np.testing.assert_allclose(run(0.0), net, atol=1e-6)
     with pytest.raises(ValueError, match=r"blend must lie in \[0, 1\]"):
         run(1.5)
     with pytest.raises(ValueError, match="blend=1"):
@@ -217,7 +239,7 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
     monkeypatch.setattr(cli, "NEIGHBOURS", 4)
     start = tmp_path / "start.msgpack"
-    start.write_bytes(regression.to_bytes(regression.ConditionalMeanMLP().init(
+    start.write_bytes(regression.to_bytes(regression.ConditionalMeanNet().init(
         jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
     out = tmp_path / "out"
     assert cli.main(["--steps", "3", "--warmup", "1", "--val-images", "0:20", "--init-from", str(start),

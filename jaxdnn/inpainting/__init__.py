@@ -45,7 +45,6 @@ from jaxdnn.inpainting.masks import (
     batch_masks,
     check_images,
     check_mask,
-    edge_fraction,
     make_mask,
     masked_mse,
     masked_psnr,
@@ -63,7 +62,7 @@ __all__ = [
     "LATENT_MAP_DEFAULTS", "LATENT_METHODS", "MASKS", "METHODS", "PGD_DEFAULTS", "PIXEL_METHODS", "STEPS",
     "FLOW_STEPS", "Flow", "InpaintResult", "Posterior", "annealed_optimizer", "as_flow", "batch_masks", "check_images",
     "check_mask", "check_options", "default_steps", "evaluate", "inpaint_posterior",
-    "edge_fraction", "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
+    "flow_log_prob", "inpaint", "knn_mean", "latent_energy", "make_mask", "masked_mse", "masked_psnr",
     "mean_fill", "nearest_neighbor", "nearest_training_images", "pgd_optimizer", "pixel_mean",
 ]
 
@@ -125,8 +124,8 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
         pixels start the searches (recommended); None starts from scaled prior noise.
     options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
-        "latent", blend: the least weight of the flow's estimate against the conditional-mean
-        network's (per image max(blend, `edge_fraction(mask)`)); below 1 the searches also start
+        "latent", blend: the weight of the flow's estimate against the conditional-mean
+        network's fill; below 1 the searches also start
         from the reference images nearest to the network's fill; 1 for the flow alone, needed for
         images other than MNIST's 28 x 28 x 1).
 
@@ -358,11 +357,9 @@ def _network_fill(images, masks, blend):
 
 
 def _blend(flow_mean, images, masks, blend, network):
-    """w * the flow's estimate + (1 - w) * the network's fill on the missing pixels, per image
-    w = max(blend, `edge_fraction` of its mask): the flow's weight rises where most missing pixels
-    have observed neighbours (scattered masks). masks (B, H, W, C)."""
-    w = jnp.maximum(blend, edge_fraction(masks))[:, None, None, None]
-    return jnp.where(masks, images, w * flow_mean + (1.0 - w) * network)
+    """blend * the flow's estimate + (1 - blend) * the network's fill on the missing pixels, the
+    observed ones kept. masks (B, H, W, C)."""
+    return jnp.where(masks, images, blend * flow_mean + (1.0 - blend) * network)
 
 
 def _check_method(method: str) -> None:

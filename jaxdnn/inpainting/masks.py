@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["IMAGE_SHAPE", "MASKS", "batch_masks", "check_images", "check_mask", "edge_fraction", "make_mask",
+__all__ = ["IMAGE_SHAPE", "MASKS", "batch_masks", "check_images", "check_mask", "make_mask",
            "masked_mse", "masked_psnr"]
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -120,16 +120,6 @@ def batch_masks(name: str, indices, key: jax.Array | None = None,
                           for i in indices]) if indices.size else jnp.zeros((0, *shape), bool)
     one = make_mask(name, None, shape)
     return jnp.broadcast_to(one, (indices.size, *shape))
-
-
-def edge_fraction(masks) -> jax.Array:
-    """Per image, the fraction of missing pixels with an observed pixel above, below, left or right
-    of it, shape (B,), from bool masks (B, H, W, C) (True = observed; channel 0 is read): 1/14 for
-    a missing half of MNIST, 0.27 for `center`, about 0.93 for `random50`. 0 when nothing is missing."""
-    m = jnp.asarray(masks, bool)[..., 0]
-    o = jnp.pad(m, ((0, 0), (1, 1), (1, 1)))
-    beside = o[:, :-2, 1:-1] | o[:, 2:, 1:-1] | o[:, 1:-1, :-2] | o[:, 1:-1, 2:]
-    return (beside & ~m).sum((1, 2)) / jnp.maximum((~m).sum((1, 2)), 1)
 
 
 # ----------------------------------------------------------------------------- scores

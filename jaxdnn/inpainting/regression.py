@@ -7,6 +7,12 @@ what a mean PSNR scores: `train(objective="psnr")`). `latent` blends it with the
 (`LATENT_DEFAULTS["blend"]`): the two err differently (validation, docs/inpainting.md), and
 the scoring reports what the flow adds over the network alone ("conditional_mean").
 
+The network is a dense core over the whole image (it reasons across the mask: which digit, where
+its strokes go) and a small convolutional refiner on its estimate (local strokes and edges, which a
+dense layer has to learn anew at every position): the refiner adds a correction to the core's
+logits and starts at zero, so weights trained for the core alone load as they were
+(`train(trainable="refiner")` trains it with the core frozen).
+
 `predict(images, masks)` uses the shipped weights (`conditional_mean.msgpack` beside this file,
 float16 on disk); `python -m experiments.train_conditional_mean` trains and exports them.
 """
@@ -29,22 +35,42 @@ from flax import serialization
 from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
 
-__all__ = ["OBJECTIVES", "ConditionalMeanMLP", "card", "load", "predict", "random_masks", "train", "to_bytes"]
+__all__ = ["OBJECTIVES", "ConditionalMeanNet", "Refiner", "card", "load", "predict", "random_masks", "train",
+           "to_bytes"]
 
 _HERE = Path(str(resources.files(__package__)))
 WEIGHTS, CARD = _HERE / "conditional_mean.msgpack", _HERE / "conditional_mean.json"
 PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
 OBJECTIVES = ("mse", "psnr")  # train's objective: the pooled squared error, or the mean log MSE of the images
 PSNR_EPS = 1e-4  # objective "psnr": log(MSE + this), so a near-perfect fill (> 40 dB) stops pulling
+TRAINABLE = ("all", "refiner")  # train's trainable: every weight, or the refiner's alone (the core frozen)
+DILATIONS = (1, 2, 4, 8, 1)  # the refiner's 3 x 3 convolutions: together they see 33 x 33 pixels, the image
 
 
-class ConditionalMeanMLP(nn.Module):
+class Refiner(nn.Module):
+    """(observed pixels m * x, mask m, the core's estimate), each (B, 784) -> a correction to the core's
+    logits (B, 784): `len(DILATIONS)` dilated 3 x 3 convolutions of `channels` with GELU, and a last
+    3 x 3 convolution to one channel that starts at zero."""
+
+    channels: int = 32
+
+    @nn.compact
+    def __call__(self, xm, m, estimate):
+        h = jnp.stack([xm, m, estimate], -1).reshape(-1, *IMAGE_SHAPE[:2], 3)
+        for d in DILATIONS:
+            h = nn.gelu(nn.Conv(self.channels, (3, 3), kernel_dilation=d)(h))
+        return nn.Conv(1, (3, 3), kernel_init=nn.initializers.zeros)(h).reshape(-1, PIXELS)
+
+
+class ConditionalMeanNet(nn.Module):
     """(observed pixels m * x, mask m), each (B, 784) -> every pixel's estimate (B, 784) in (0, 1):
-    `depth` dense layers of `width` with GELU and dropout, a sigmoid output."""
+    a dense core (`depth` layers of `width` with GELU and dropout, then one logit per pixel) and, for
+    `refiner` > 0 channels, a `Refiner` adding its correction to those logits; a sigmoid output."""
 
     width: int = 1024
     depth: int = 3
     dropout: float = 0.1
+    refiner: int = 32
 
     @nn.compact
     def __call__(self, x, m, train: bool = False):
@@ -52,7 +78,10 @@ class ConditionalMeanMLP(nn.Module):
         h = jnp.concatenate([x * mf, mf], -1)
         for _ in range(self.depth):
             h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(nn.Dense(self.width)(h)))
-        return nn.sigmoid(nn.Dense(PIXELS)(h))
+        logits = nn.Dense(PIXELS)(h)
+        if self.refiner:
+            logits = logits + Refiner(self.refiner, name="refiner")(x * mf, mf, nn.sigmoid(logits))
+        return nn.sigmoid(logits)
 
 
 def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
@@ -89,7 +118,8 @@ def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
 
 def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, batch_size: int = 256,
           warmup: int = 500, weight_decay: float = 1e-4, named: int = 0, objective: str = "mse",
-          model: ConditionalMeanMLP | None = None, callback: Callable[[int, float, dict], None] | None = None):
+          trainable: str = "all", model: ConditionalMeanNet | None = None,
+          callback: Callable[[int, float, dict], None] | None = None):
     """Parameters after `steps` of AdamW (a warm-up of `warmup` steps to `lr`, then a cosine to 0)
     on `objective` over the missing pixels: "mse", their squared error pooled over the batch (the
     estimate it rewards is the posterior mean), or "psnr", the batch mean of each image's log MSE
@@ -98,16 +128,21 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
     step i (1-based) draws its batch, masks and dropout from fold_in(key(seed), i).
     params: continue from these (a fresh optimizer and schedule); None: initialise from key(0).
     named: rows of each batch under the named masks (`random_masks`); 0 = random families only.
+    trainable: "all", or "refiner" (the core's weights stay as they are; its dropout still acts).
     callback(step, loss, params) is called after every step (progress, checkpoints)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= warmup or warmup < 0:
         raise ValueError(f"steps must be an integer above warmup ({warmup}), got {steps!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    model = ConditionalMeanMLP() if model is None else model
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    model = ConditionalMeanNet() if model is None else model
+    if trainable == "refiner" and not model.refiner:
+        raise ValueError("trainable='refiner' needs a model with a refiner (refiner > 0 channels)")
     x_all = jnp.asarray(check_images(images, "images")).reshape(-1, PIXELS)
     if params is None:
         params = model.init(jax.random.key(0), x_all[:2], jnp.ones((2, PIXELS), bool))
-    opt, step = _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named, objective)
+    opt, step = _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named, objective, trainable)
     state = opt.init(params)
 
     key = jax.random.key(seed)
@@ -119,9 +154,12 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
 
 
 @functools.cache
-def _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named, objective):
+def _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named, objective, trainable):
     """`train`'s optimizer and jitted step, built once per setting (repeated calls do not recompile)."""
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps), weight_decay=weight_decay)
+    if trainable == "refiner":  # the core's updates are zero (and AdamW's decay skips it)
+        labels = lambda p: {"params": {k: "train" if k == "refiner" else "keep" for k in p["params"]}}  # noqa: E731
+        opt = optax.multi_transform({"train": opt, "keep": optax.set_to_zero()}, labels)
 
     @jax.jit
     def step(params, state, data, key):
@@ -147,18 +185,28 @@ def to_bytes(params) -> bytes:
     return serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, np.float16), jax.device_get(params)))
 
 
-def _template(model: ConditionalMeanMLP):
+def _template(model: ConditionalMeanNet):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, PIXELS)), jnp.ones((1, PIXELS), bool))
 
 
 @functools.cache
 def load(path: str | None = None):
-    """The shipped network's parameters (float32), or those at `path` (written by `to_bytes`)."""
+    """The shipped network's parameters (float32), or those at `path` (written by `to_bytes`, or the
+    float32 msgpack of `experiments.train_conditional_mean`). Weights of a core alone (no refiner)
+    get a fresh refiner whose correction is zero: the same estimates."""
     path = WEIGHTS if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: python -m experiments.train_conditional_mean --ship")
-    raw = serialization.from_bytes(_template(ConditionalMeanMLP()), path.read_bytes())
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), raw)
+    model = ConditionalMeanNet()
+    raw = serialization.msgpack_restore(path.read_bytes())
+    if isinstance(raw, dict) and "refiner" not in raw.get("params", {"refiner": None}):
+        fresh = Refiner(model.refiner).init(jax.random.key(0), *3 * (jnp.zeros((1, PIXELS)),))["params"]
+        raw = {"params": {**raw["params"], "refiner": serialization.to_state_dict(fresh)}}
+    template = _template(model)
+    params = serialization.from_state_dict(template, raw)
+    if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(lambda a: a.shape, template):
+        raise ValueError(f"{path}: these weights are not of the shipped network's shapes ({model})")
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
 
 
 def card() -> dict:
@@ -168,7 +216,7 @@ def card() -> dict:
 
 @jax.jit
 def _estimate(params, x, m):
-    return ConditionalMeanMLP().apply(params, x, m)
+    return ConditionalMeanNet().apply(params, x, m)
 
 
 def predict(images, masks, params=None) -> jax.Array:
