@@ -125,9 +125,8 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         pixels start the searches (recommended); None starts from scaled prior noise.
     options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
         "latent", blend: the weight of the flow's estimate against the conditional-mean
-        network's fill; below 1 the searches also start
-        from the reference images nearest to the network's fill; 1 for the flow alone, needed for
-        images other than MNIST's 28 x 28 x 1).
+        network's fill; below 1 the searches also start from the reference images nearest to
+        that fill; 1 for the flow alone, needed for images other than MNIST's 28 x 28 x 1).
 
     Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
     `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
