@@ -199,7 +199,7 @@ def load(path: str | None = None):
         raise FileNotFoundError(f"{path} is missing: python -m experiments.train_conditional_mean --ship")
     model = ConditionalMeanNet()
     raw = serialization.msgpack_restore(path.read_bytes())
-    if isinstance(raw, dict) and "refiner" not in raw.get("params", {"refiner": None}):
+    if isinstance(raw, dict) and "params" in raw and "refiner" not in raw["params"]:
         fresh = Refiner(model.refiner).init(jax.random.key(0), *3 * (jnp.zeros((1, PIXELS)),))["params"]
         raw = {"params": {**raw["params"], "refiner": serialization.to_state_dict(fresh)}}
     template = _template(model)
