@@ -1,7 +1,8 @@
 """Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
-        [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--init-from FILE] [--val-images 0:500]
+        [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-from FILE]
+        [--val-images 0:500]
         [--out DIR] [--ship]
 
 Training images 0..54999 under random masks; the card gives, for validation images (never test
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--trainable", choices=("all", "refiner"), default="all",
                    help="all: every weight; refiner: the convolutional refiner alone, the dense core frozen "
                         "(default all)")
+    p.add_argument("--refiner", type=int, default=None, metavar="CHANNELS",
+                   help="channels of the convolutional refiner (default: that of --init-from's weights, or "
+                        "32 where they have none)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
         p.error(f"--lr must be positive, got {a.lr}")
     if not 0 <= a.named <= 256:
         p.error(f"--named must lie in 0..256 (rows of a batch), got {a.named}")
+    if a.refiner is not None and a.refiner < 1:
+        p.error(f"--refiner must be a positive number of channels, got {a.refiner}")
     if split_range_error(a.val_images, "validation"):
         p.error(split_range_error(a.val_images, "validation"))
     if a.init_from is not None and not Path(a.init_from).is_file():
@@ -79,9 +85,11 @@ def main(argv=None) -> int:
     init = None
     if a.init_from is not None:
         try:
-            init = regression.load(a.init_from)
+            init = regression.load(a.init_from, a.refiner)
         except (ValueError, OSError) as e:
             fail(PROG, f"--init-from {a.init_from}: cannot read these weights ({e})")
+    model = regression.model_of(init) if init is not None else regression.ConditionalMeanNet(
+        refiner=a.refiner or regression.REFINER)
     bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
 
     def progress(step, loss, params):
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         params = regression.train(train_x, a.steps, a.seed, init, lr=a.lr, warmup=a.warmup, named=a.named,
-                                  objective=a.objective, trainable=a.trainable,
+                                  objective=a.objective, trainable=a.trainable, model=model,
                                   callback=progress)
     except ValueError as e:
         fail(PROG, str(e))
@@ -116,7 +124,6 @@ def main(argv=None) -> int:
     if a.init_from is not None:
         stage["init_from"] = {"path": a.init_from,
                               "sha256": hashlib.sha256(Path(a.init_from).read_bytes()).hexdigest()}
-    model = regression.ConditionalMeanNet()
     card = {"model": f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout "
                      f"{model.dropout}; refiner: {model.refiner} channels, dilations {regression.DILATIONS})",
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "

@@ -101,6 +101,31 @@ def test_weights_of_the_core_alone_load_with_a_zero_refiner(tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_the_refiner_width_is_read_from_the_weights(tmp_path):
+    """A refiner of any width loads as it was trained (`model_of` reads its channels); a core alone
+    takes a zero refiner of the width asked for; a width that does not match the file is refused."""
+    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), regression.random_masks(jax.random.key(2), 2)
+    wide = regression.ConditionalMeanNet(refiner=8)
+    params = wide.init(jax.random.key(4), x, m)
+    params = jax.tree.map(lambda a: a + 0.01, params)  # a refiner that adds something
+    path = tmp_path / "wide.msgpack"
+    path.write_bytes(regression.to_bytes(params))
+    loaded = regression.load(str(path))
+    assert regression.model_of(loaded) == wide
+    np.testing.assert_allclose(regression.predict(one_pattern(2), m.reshape(2, 28, 28, 1), loaded),
+                               regression.predict(one_pattern(2), m.reshape(2, 28, 28, 1),
+                                                  regression.load(str(path), 8)))
+    with pytest.raises(ValueError, match="8 channels, not 16"):
+        regression.load(str(path), 16)
+    with pytest.raises(ValueError, match="positive"):
+        regression.load(str(path), 0)
+    core = {"params": {k: v for k, v in params["params"].items() if k != "refiner"}}
+    path.write_bytes(regression.to_bytes(core))
+    assert regression.model_of(regression.load(str(path), 4)).refiner == 4
+    assert regression.model_of(regression.load(str(path))).refiner == regression.REFINER
+    assert regression.model_of(core).refiner == 0
+
+
 @pytest.mark.parametrize("objective", regression.OBJECTIVES)
 def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
     images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)

@@ -35,8 +35,8 @@ from flax import serialization
 from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
 
-__all__ = ["OBJECTIVES", "ConditionalMeanNet", "Refiner", "card", "load", "predict", "random_masks", "train",
-           "to_bytes"]
+__all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "card", "load", "model_of", "predict",
+           "random_masks", "train", "to_bytes"]
 
 _HERE = Path(str(resources.files(__package__)))
 WEIGHTS, CARD = _HERE / "conditional_mean.msgpack", _HERE / "conditional_mean.json"
@@ -44,6 +44,7 @@ PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
 OBJECTIVES = ("mse", "psnr")  # train's objective: the pooled squared error, or the mean log MSE of the images
 PSNR_EPS = 1e-4  # objective "psnr": log(MSE + this), so a near-perfect fill (> 40 dB) stops pulling
 TRAINABLE = ("all", "refiner")  # train's trainable: every weight, or the refiner's alone (the core frozen)
+REFINER = 32  # channels of a fresh refiner (`load` of a core alone; the training CLI's default)
 DILATIONS = (1, 2, 4, 8, 1)  # the refiner's 3 x 3 convolutions: together they see 33 x 33 pixels, the image
 
 
@@ -70,7 +71,7 @@ class ConditionalMeanNet(nn.Module):
     width: int = 1024
     depth: int = 3
     dropout: float = 0.1
-    refiner: int = 32
+    refiner: int = REFINER
 
     @nn.compact
     def __call__(self, x, m, train: bool = False):
@@ -189,19 +190,43 @@ def _template(model: ConditionalMeanNet):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, PIXELS)), jnp.ones((1, PIXELS), bool))
 
 
-@functools.cache
-def load(path: str | None = None):
+def model_of(params) -> ConditionalMeanNet:
+    """The network these parameters belong to: the shipped core, and a refiner of as many channels
+    as their refiner has (none if they have none)."""
+    refiner = params["params"].get("refiner")
+    return ConditionalMeanNet(refiner=0 if refiner is None else refiner["Conv_0"]["kernel"].shape[-1])
+
+
+def load(path: str | None = None, refiner: int | None = None):
     """The shipped network's parameters (float32), or those at `path` (written by `to_bytes`, or the
     float32 msgpack of `experiments.train_conditional_mean`). Weights of a core alone (no refiner)
-    get a fresh refiner whose correction is zero: the same estimates."""
+    get a fresh refiner of `refiner` channels (None: REFINER) whose correction is zero: the same
+    estimates. Weights with a refiner keep its width (`refiner`, if given, must match it). Read
+    once per file version (a file written anew is read anew)."""
+    if refiner is not None and (isinstance(refiner, bool) or not isinstance(refiner, int) or refiner < 1):
+        raise ValueError(f"refiner must be a positive number of channels, got {refiner!r}")
     path = WEIGHTS if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: python -m experiments.train_conditional_mean --ship")
-    model = ConditionalMeanNet()
+    stat = path.stat()
+    return _load(path.resolve(), stat.st_mtime_ns, stat.st_size, refiner)
+
+
+@functools.cache
+def _load(path: Path, mtime_ns: int, size: int, refiner: int | None):
     raw = serialization.msgpack_restore(path.read_bytes())
-    if isinstance(raw, dict) and "params" in raw and "refiner" not in raw["params"]:
-        fresh = Refiner(model.refiner).init(jax.random.key(0), *3 * (jnp.zeros((1, PIXELS)),))["params"]
+    if not (isinstance(raw, dict) and isinstance(raw.get("params"), dict)):
+        raise ValueError(f"{path}: not the conditional-mean network's weights (no params)")
+    if "refiner" not in raw["params"]:
+        fresh = Refiner(REFINER if refiner is None else refiner).init(
+            jax.random.key(0), *3 * (jnp.zeros((1, PIXELS)),))["params"]
         raw = {"params": {**raw["params"], "refiner": serialization.to_state_dict(fresh)}}
+    try:
+        model = model_of(raw)
+    except (KeyError, IndexError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: these weights are not of the shipped network's shapes ({e!r})") from None
+    if refiner is not None and refiner != model.refiner:
+        raise ValueError(f"{path}: its refiner has {model.refiner} channels, not {refiner}")
     template = _template(model)
     params = serialization.from_state_dict(template, raw)
     if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(lambda a: a.shape, template):
@@ -216,7 +241,7 @@ def card() -> dict:
 
 @jax.jit
 def _estimate(params, x, m):
-    return ConditionalMeanNet().apply(params, x, m)
+    return model_of(params).apply(params, x, m)
 
 
 def predict(images, masks, params=None) -> jax.Array:
