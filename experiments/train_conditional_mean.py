@@ -13,9 +13,10 @@ fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship` also write
 copy and the card into the package (what `regression.predict` loads). The shipped network:
 `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
 `--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
---named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 4000 --seed 7
---named 128 --objective psnr --warmup 200 --trainable refiner` (the convolutional refiner on the frozen
-core), each `--init-from` the last one's output (docs/inpainting.md).
+--named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 3000 --seed 8
+--named 128 --objective psnr --warmup 200 --trainable refiner --refiner 64` (stage 8: a convolutional
+refiner of 64 channels on the frozen core; it replaced stage 7's 32), each `--init-from` the last one's
+output (docs/inpainting.md).
 """
 
 from __future__ import annotations

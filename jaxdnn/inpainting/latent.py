@@ -63,13 +63,14 @@ LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
 # steps against one of 15, over the 32 neighbours' mean: top_half, images 0..99, +0.82 vs +0.65 dB,
 # but on images 100..199 +0.48 vs +0.45, at a third more time (docs/inpainting.md): one round.
 # blend: the estimate is blend * (the searches' weighted mean) + (1 - blend) * the conditional-mean
-# network's fill (`regression.py`; 1: the flow alone). With the network's convolutional refiner (stage 7)
+# network's fill (`regression.py`; 1: the flow alone). With the network's convolutional refiner (stages 7, 8)
 # the network alone beats the flow alone on every mask, random50 included (validation, +4.6-4.8 dB over
 # the 32 neighbours' mean against the flow's +3.0-3.4). A fixed 0.25, chosen on images 0..99 (both
 # flows, fills blended offline, docs/inpainting.md), is within 0.03 dB of the best fixed weight on every
 # flow and mask there and on images 100..199 but hw10 (0.10 / 0.07 under the network alone). The earlier
 # rule, max(0.4, the share of missing pixels beside an observed one), fitted to the dense network alone,
-# loses 1.2-1.3 dB on random50 with it.
+# loses 1.2-1.3 dB on random50 with it. Rechecked with stage 8 (RealNVP, images 0..99): 0.25 is within
+# 0.02 dB of the best weight on the block masks and 0.05 on random50.
 # With blend < 1 the searches start from the training images nearest to the network's fill on every pixel
 # (`candidates(guide=)`) rather than nearest on the observed pixels: validation, over the 32 neighbours'
 # mean, +0.02 to +0.16 dB on every flow and mask tried (docs/inpainting.md).
