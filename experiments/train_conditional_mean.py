@@ -3,20 +3,22 @@
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
         [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-from FILE]
         [--val-images 0:500]
-        [--out DIR] [--ship]
+        [--out DIR] [--ship [MEMBER]]
 
 Training images 0..54999 under random masks; the card gives, for validation images (never test
 images) and every named mask, the network's PSNR over the missing pixels beside the mean of the
 32 training images nearest on the observed pixels (paired difference, mean and standard error).
 Writes DIR/conditional_mean.msgpack (float32: `--init-from` continues from it bit for bit, with a
-fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship` also writes the float16
-copy and the card into the package (what `regression.predict` loads). The shipped network:
+fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship MEMBER` also writes the float16
+copy into the package as that member of the shipped ensemble (`regression.member_file`; 1 if no
+number follows) and the ensemble's card (every member's stage; the ensemble's validation scores,
+what `regression.predict` gives). The shipped ensemble's first member:
 `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
 `--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
 --named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 3000 --seed 8
 --named 128 --objective psnr --warmup 200 --trainable refiner --refiner 64` (stage 8: a convolutional
 refiner of 64 channels on the frozen core; it replaced stage 7's 32), each `--init-from` the last one's
-output (docs/inpainting.md).
+output; its second member: the same core trained from its own initialization (docs/inpainting.md).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
     p.add_argument("--out", default="results/conditional_mean", help="where the weights and card go")
-    p.add_argument("--ship", action="store_true", help="also write into the package (maintainers)")
+    p.add_argument("--ship", type=int, nargs="?", const=1, default=None, metavar="MEMBER",
+                   help="also write into the package as this member of the shipped ensemble (default 1; "
+                        "maintainers)")
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if not 0 <= a.warmup < a.steps:
         p.error(f"--steps must exceed --warmup >= 0, got --steps {a.steps} --warmup {a.warmup}")
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
         p.error(f"--named must lie in 0..256 (rows of a batch), got {a.named}")
     if a.refiner is not None and a.refiner < 1:
         p.error(f"--refiner must be a positive number of channels, got {a.refiner}")
+    if a.ship is not None and a.ship < 1:
+        p.error(f"--ship must name a member 1, 2, ..., got {a.ship}")
     if split_range_error(a.val_images, "validation"):
         p.error(split_range_error(a.val_images, "validation"))
     if a.init_from is not None and not Path(a.init_from).is_file():
@@ -83,6 +89,9 @@ def main(argv=None) -> int:
         val_x = to_unit_interval(load_mnist("validation")[0][slice(*a.val_images)])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
+    shipped = len(regression.card()["members"]) if regression.CARD.is_file() else 0
+    if a.ship is not None and a.ship > shipped + 1:
+        fail(PROG, f"--ship {a.ship}: the shipped ensemble has {shipped} member(s); ship {shipped + 1} next")
     init = None
     if a.init_from is not None:
         try:
@@ -108,16 +117,25 @@ def main(argv=None) -> int:
     bar.close()
     seconds = round(time.time() - t0, 1)
 
-    scores = {}
     indices = np.arange(*a.val_images)
-    for mask in MASKS:  # random50 draws each image's pixels from its number, as experiments.inpaint does
-        masks = batch_masks(mask, indices, jax.random.split(jax.random.key(0))[0])
-        net = np.asarray(masked_psnr(regression.predict(val_x, masks, params), val_x, masks), np.float64)
-        knn = np.asarray(masked_psnr(knn_mean(val_x, masks, train_x, k=NEIGHBOURS), val_x, masks), np.float64)
-        d = net - knn
-        scores[mask] = {"psnr": round(float(net.mean()), 3), f"knn_mean_{NEIGHBOURS}": round(float(knn.mean()), 3),
-                        "paired": {"mean": round(float(d.mean()), 3),
-                                   "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
+    masks = {mask: batch_masks(mask, indices, jax.random.split(jax.random.key(0))[0]) for mask in MASKS}
+    knn = {mask: np.asarray(masked_psnr(knn_mean(val_x, m, train_x, k=NEIGHBOURS), val_x, m), np.float64)
+           for mask, m in masks.items()}  # random50 draws each image's pixels from its number, as experiments.inpaint
+
+    def validation(params) -> dict:
+        """Every mask's validation PSNR for these parameters (one network or an ensemble), beside knn."""
+        scores = {}
+        for mask, m in masks.items():
+            net = np.asarray(masked_psnr(regression.predict(val_x, m, params), val_x, m), np.float64)
+            d = net - knn[mask]
+            scores[mask] = {"psnr": round(float(net.mean()), 3),
+                            f"knn_mean_{NEIGHBOURS}": round(float(knn[mask].mean()), 3),
+                            "paired": {"mean": round(float(d.mean()), 3),
+                                       "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 3)}}
+        return {"images": f"{a.val_images[0]}:{a.val_images[1]}", "scores": scores,
+                "note": f"PSNR over the missing pixels; paired: network - mean of the {NEIGHBOURS} "
+                        "training images nearest on the observed pixels"}
+
     stage = {"command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]), "steps": a.steps,
              "seed": a.seed, "warmup": a.warmup, "lr": a.lr, "named": a.named, "objective": a.objective,
              "trainable": a.trainable, "wall_seconds": seconds,
@@ -130,19 +148,33 @@ def main(argv=None) -> int:
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "
                           f"this stage: {a.named} of 256 rows the named masks)",
             "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
-            "validation": {"images": f"{a.val_images[0]}:{a.val_images[1]}", "scores": scores,
-                           "note": f"PSNR over the missing pixels; paired: network - mean of the {NEIGHBOURS} "
-                                   "training images nearest on the observed pixels"}}
+            "validation": validation(params)}
     from flax import serialization
 
     out = Path(a.out)
-    atomic_write_bytes(out / regression.WEIGHTS.name, serialization.to_bytes(jax.device_get(params)))
-    atomic_write_bytes(out / regression.CARD.name, json.dumps(card, indent=2).encode())
-    if a.ship:
-        atomic_write_bytes(regression.WEIGHTS, regression.to_bytes(params))
-        atomic_write_bytes(regression.CARD, json.dumps(card, indent=2).encode())
+    atomic_write_bytes(out / "conditional_mean.msgpack", serialization.to_bytes(jax.device_get(params)))
+    atomic_write_bytes(out / "conditional_mean.json", json.dumps(card, indent=2).encode())
+    if a.ship is not None:
+        ship(a.ship, params, card, validation)
     print(json.dumps(card))
     return 0
+
+
+def ship(member: int, params, card: dict, validation) -> None:
+    """Write `params` (float16) into the package as this member of the shipped ensemble, and the
+    ensemble's card: every member's card (this one's replaced or appended) and the validation
+    scores of all of them together, read back as `regression.predict` reads them."""
+    from jaxdnn.inpainting import regression
+
+    members = regression.card()["members"] if regression.CARD.is_file() else []
+    path = regression.member_file(member)
+    atomic_write_bytes(path, regression.to_bytes(params))
+    members = [*members[:member - 1], {"file": path.name, **card}, *members[member:]]
+    ensemble = {"model": f"an ensemble of {len(members)} ConditionalMeanNet(s), the mean of their estimates",
+                "members": members}
+    atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())  # ensemble() reads it
+    ensemble["validation"] = validation(regression.ensemble())
+    atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())
 
 
 if __name__ == "__main__":

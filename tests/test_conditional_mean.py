@@ -177,11 +177,12 @@ def test_predict_keeps_the_observed_pixels_and_checks_its_input():
 
 @pytest.mark.mnist
 def test_the_shipped_network_reproduces_its_card():
-    """Trained on the training split only; on the card's validation images it scores what the card says."""
+    """Every member trained on the training split only; on the card's validation images the
+    ensemble scores what the card says."""
     from jaxdnn.data import load_mnist
 
     card = regression.card()
-    assert card["trained_on"].startswith("training images 0..54999")
+    assert all(m["trained_on"].startswith("training images 0..54999") for m in card["members"])
     lo, hi = map(int, card["validation"]["images"].split(":"))
     x = to_unit_interval(load_mnist("validation")[0][lo:hi])
     for mask, score in card["validation"]["scores"].items():
@@ -279,3 +280,50 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     assert json.loads((out / "conditional_mean.json").read_text()) == card
     trained = regression.load(str(out / "conditional_mean.msgpack"))
     assert not np.allclose(jax.tree.leaves(trained)[0], jax.tree.leaves(regression.load(str(start)))[0])
+
+
+def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
+    """--ship 1, then --ship 2 (another seed): two float16 files in the package and one card with
+    both members' stages and the validation scores of their mean, which `predict` reproduces; a
+    member past the next one is refused before any training."""
+    import jaxdnn.data
+
+    monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
+    monkeypatch.setattr(cli, "NEIGHBOURS", 4)
+    monkeypatch.setattr(regression, "_HERE", tmp_path)
+    monkeypatch.setattr(regression, "CARD", tmp_path / "conditional_mean.json")
+    start = tmp_path / "start.msgpack"
+    start.write_bytes(regression.to_bytes(regression.ConditionalMeanNet(refiner=2).init(
+        jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
+    common = ["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--init-from", str(start),
+              "--out", str(tmp_path / "out")]
+    assert cli.main([*common, "--seed", "1", "--ship"]) == 0
+    assert cli.main([*common, "--seed", "2", "--ship", "2"]) == 0
+    capsys.readouterr()
+    card = regression.card()
+    assert [m["file"] for m in card["members"]] == ["conditional_mean.msgpack", "conditional_mean_2.msgpack"]
+    assert [m["stage"]["seed"] for m in card["members"]] == [1, 2]
+    members = regression.ensemble()
+    assert len(members) == 2 and not np.allclose(jax.tree.leaves(members[0])[0], jax.tree.leaves(members[1])[0])
+    x = to_unit_interval(fake_mnist("validation")[0][:10])
+    masks = ip.batch_masks("top_half", np.arange(10), jax.random.split(jax.random.key(0))[0])
+    psnr = np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64).mean()
+    assert psnr == pytest.approx(card["validation"]["scores"]["top_half"]["psnr"], abs=1e-3)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*common, "--ship", "4"])
+    assert exit_.value.code == 2 and "ship 3 next" in capsys.readouterr().err
+
+
+def test_an_ensemble_averages_its_members():
+    """predict with several networks' parameters fills with the mean of their estimates; one
+    network in a list is that network; an empty list is refused."""
+    x = jnp.asarray(one_pattern(3))
+    masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
+    nets = [regression.ConditionalMeanNet(refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
+                                                         jnp.ones((1, 784), bool)) for r in (2, 4)]
+    nets[0] = jax.tree.map(lambda a: a + 0.01, nets[0])  # a refiner that adds something
+    one = [np.asarray(regression.predict(x, masks, p)) for p in nets]
+    np.testing.assert_allclose(regression.predict(x, masks, nets), (one[0] + one[1]) / 2, atol=1e-6)
+    np.testing.assert_array_equal(regression.predict(x, masks, nets[:1]), one[0])
+    with pytest.raises(ValueError, match="empty"):
+        regression.predict(x, masks, [])

@@ -13,8 +13,11 @@ dense layer has to learn anew at every position): the refiner adds a correction 
 logits and starts at zero, so weights trained for the core alone load as they were
 (`train(trainable="refiner")` trains it with the core frozen).
 
-`predict(images, masks)` uses the shipped weights (`conditional_mean.msgpack` beside this file,
-float16 on disk); `python -m experiments.train_conditional_mean` trains and exports them.
+The shipped estimate is an ensemble: networks trained apart (their own initialization, batches
+and masks) err apart, and the mean of their estimates has a lower squared error than either.
+`predict(images, masks)` averages the shipped members (`ensemble()`: the files the card lists beside
+this file, float16 on disk); `python -m experiments.train_conditional_mean --ship MEMBER` trains and
+exports one of them.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from flax import serialization
 from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
 
-__all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "card", "load", "model_of", "predict",
-           "random_masks", "train", "to_bytes"]
+__all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "card", "ensemble", "load", "member_file",
+           "model_of", "predict", "random_masks", "train", "to_bytes"]
 
 _HERE = Path(str(resources.files(__package__)))
-WEIGHTS, CARD = _HERE / "conditional_mean.msgpack", _HERE / "conditional_mean.json"
+CARD = _HERE / "conditional_mean.json"  # the shipped ensemble's card: its members' files and stages, its scores
 PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
 OBJECTIVES = ("mse", "psnr")  # train's objective: the pooled squared error, or the mean log MSE of the images
 PSNR_EPS = 1e-4  # objective "psnr": log(MSE + this), so a near-perfect fill (> 40 dB) stops pulling
@@ -197,15 +200,28 @@ def model_of(params) -> ConditionalMeanNet:
     return ConditionalMeanNet(refiner=0 if refiner is None else refiner["Conv_0"]["kernel"].shape[-1])
 
 
-def load(path: str | None = None, refiner: int | None = None):
-    """The shipped network's parameters (float32), or those at `path` (written by `to_bytes`, or the
-    float32 msgpack of `experiments.train_conditional_mean`). Weights of a core alone (no refiner)
-    get a fresh refiner of `refiner` channels (None: REFINER) whose correction is zero: the same
-    estimates. Weights with a refiner keep its width (`refiner`, if given, must match it). Read
-    once per file version (a file written anew is read anew)."""
+def member_file(member: int) -> Path:
+    """Where the shipped ensemble's member (1, 2, ...) lies: conditional_mean.msgpack for the first,
+    conditional_mean_<member>.msgpack for the others."""
+    if isinstance(member, bool) or not isinstance(member, int) or member < 1:
+        raise ValueError(f"member must be a positive integer, got {member!r}")
+    return _HERE / ("conditional_mean.msgpack" if member == 1 else f"conditional_mean_{member}.msgpack")
+
+
+def ensemble() -> tuple:
+    """The shipped ensemble: each member's parameters (float32), in the card's order."""
+    return tuple(load(_HERE / m["file"]) for m in card()["members"])
+
+
+def load(path, refiner: int | None = None):
+    """One network's parameters (float32) from `path` (written by `to_bytes`, or the float32 msgpack
+    of `experiments.train_conditional_mean`). Weights of a core alone (no refiner) get a fresh
+    refiner of `refiner` channels (None: REFINER) whose correction is zero: the same estimates.
+    Weights with a refiner keep its width (`refiner`, if given, must match it). Read once per file
+    version (a file written anew is read anew)."""
     if refiner is not None and (isinstance(refiner, bool) or not isinstance(refiner, int) or refiner < 1):
         raise ValueError(f"refiner must be a positive number of channels, got {refiner!r}")
-    path = WEIGHTS if path is None else Path(path)
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: python -m experiments.train_conditional_mean --ship")
     stat = path.stat()
@@ -235,7 +251,8 @@ def _load(path: Path, mtime_ns: int, size: int, refiner: int | None):
 
 
 def card() -> dict:
-    """The shipped network's card (its training stages and validation PSNR per mask)."""
+    """The shipped ensemble's card: "members" (each one's file, training stage and validation PSNR
+    alone) and "validation" (the ensemble's PSNR per mask)."""
     return json.loads(CARD.read_text())
 
 
@@ -246,12 +263,17 @@ def _estimate(params, x, m):
 
 def predict(images, masks, params=None) -> jax.Array:
     """The network's fill: observed pixels kept, missing ones its estimate. images float (B, 28,
-    28, 1) or (28, 28, 1) in [0, 1]; masks as `check_mask` (True = observed); same shape out."""
+    28, 1) or (28, 28, 1) in [0, 1]; masks as `check_mask` (True = observed); same shape out.
+    params: one network's parameters, a list or tuple of networks' (an ensemble: the mean of their
+    estimates), or None: the shipped ensemble."""
     images = check_images(images, "images")
     batch = images.reshape(-1, *images.shape[-3:])
     if batch.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"the conditional-mean network fills MNIST images {IMAGE_SHAPE}, got {batch.shape[1:]}")
     masks = jnp.broadcast_to(check_mask(masks, batch.shape, "masks"), batch.shape)
-    params = load() if params is None else params
-    estimate = _estimate(params, batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)).reshape(batch.shape)
-    return _fill(images, masks, estimate)
+    members = ensemble() if params is None else tuple(params) if isinstance(params, (list, tuple)) else (params,)
+    if not members:
+        raise ValueError("params: an empty ensemble")
+    x, m = batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)
+    estimate = sum(_estimate(p, x, m) for p in members) / len(members)
+    return _fill(images, masks, estimate.reshape(batch.shape))
