@@ -1,7 +1,8 @@
 """Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
-        [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-from FILE]
+        [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-seed N]
+        [--init-from FILE [--refiner-from FILE]]
         [--val-images 0:500]
         [--out DIR] [--ship [MEMBER]]
 
@@ -55,8 +56,12 @@ def main(argv=None) -> int:
                         "(default all)")
     p.add_argument("--refiner", type=int, default=None, metavar="CHANNELS",
                    help="channels of the convolutional refiner (default: that of --init-from's weights, or "
-                        "32 where they have none)")
+                        "32 where they have none; 0: none, a fresh dense core alone)")
+    p.add_argument("--init-seed", type=int, default=0, metavar="N",
+                   help="initializes a fresh network (default 0; not with --init-from)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
+    p.add_argument("--refiner-from", default=None, metavar="FILE",
+                   help="with --init-from: the refiner's weights (and width) from this network's file instead")
     p.add_argument("--val-images", type=parse_range, default=(0, 500), metavar="START:STOP",
                    help="validation images scored on the card (default 0:500)")
     p.add_argument("--out", default="results/conditional_mean", help="where the weights and card go")
@@ -70,14 +75,19 @@ def main(argv=None) -> int:
         p.error(f"--lr must be positive, got {a.lr}")
     if not 0 <= a.named <= 256:
         p.error(f"--named must lie in 0..256 (rows of a batch), got {a.named}")
-    if a.refiner is not None and a.refiner < 1:
-        p.error(f"--refiner must be a positive number of channels, got {a.refiner}")
+    if a.refiner is not None and a.refiner < (1 if a.init_from else 0):
+        p.error(f"--refiner must be a positive number of channels (0 only for a fresh network), got {a.refiner}")
+    if a.init_from is not None and a.init_seed != 0:
+        p.error("--init-seed initializes a fresh network: not with --init-from")
+    if a.refiner_from is not None and a.init_from is None:
+        p.error("--refiner-from replaces the refiner of --init-from's weights: give --init-from too")
     if a.ship is not None and a.ship < 1:
         p.error(f"--ship must name a member 1, 2, ..., got {a.ship}")
     if split_range_error(a.val_images, "validation"):
         p.error(split_range_error(a.val_images, "validation"))
-    if a.init_from is not None and not Path(a.init_from).is_file():
-        p.error(f"--init-from {a.init_from}: no such file")
+    for flag, path in (("--init-from", a.init_from), ("--refiner-from", a.refiner_from)):
+        if path is not None and not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file")
     import jax
     from tqdm import tqdm
 
@@ -98,8 +108,14 @@ def main(argv=None) -> int:
             init = regression.load(a.init_from, a.refiner)
         except (ValueError, OSError) as e:
             fail(PROG, f"--init-from {a.init_from}: cannot read these weights ({e})")
+    if a.refiner_from is not None:
+        try:
+            refiner = regression.load(a.refiner_from)["params"]["refiner"]
+        except (ValueError, OSError) as e:
+            fail(PROG, f"--refiner-from {a.refiner_from}: cannot read these weights ({e})")
+        init = {"params": {**init["params"], "refiner": refiner}}
     model = regression.model_of(init) if init is not None else regression.ConditionalMeanNet(
-        refiner=a.refiner or regression.REFINER)
+        refiner=regression.REFINER if a.refiner is None else a.refiner)
     bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
 
     def progress(step, loss, params):
@@ -109,8 +125,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        params = regression.train(train_x, a.steps, a.seed, init, lr=a.lr, warmup=a.warmup, named=a.named,
-                                  objective=a.objective, trainable=a.trainable, model=model,
+        params = regression.train(train_x, a.steps, a.seed, init, init_seed=a.init_seed, lr=a.lr, warmup=a.warmup,
+                                  named=a.named, objective=a.objective, trainable=a.trainable, model=model,
                                   callback=progress)
     except ValueError as e:
         fail(PROG, str(e))
@@ -140,9 +156,11 @@ def main(argv=None) -> int:
              "seed": a.seed, "warmup": a.warmup, "lr": a.lr, "named": a.named, "objective": a.objective,
              "trainable": a.trainable, "wall_seconds": seconds,
              "hardware": f"{jax.device_count()} x {jax.default_backend()}"}
-    if a.init_from is not None:
-        stage["init_from"] = {"path": a.init_from,
-                              "sha256": hashlib.sha256(Path(a.init_from).read_bytes()).hexdigest()}
+    if a.init_from is None:
+        stage["init_seed"] = a.init_seed
+    for key, path in (("init_from", a.init_from), ("refiner_from", a.refiner_from)):
+        if path is not None:
+            stage[key] = {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
     card = {"model": f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout "
                      f"{model.dropout}; refiner: {model.refiner} channels, dilations {regression.DILATIONS})",
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "

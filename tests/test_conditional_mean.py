@@ -64,6 +64,8 @@ def test_training_is_deterministic_and_learns():
     assert len(losses) == 120 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     again = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5)
     jax.tree.map(np.testing.assert_array_equal, params, again)  # continuing from params: the CLI test
+    other = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5, init_seed=1)
+    assert not np.allclose(jax.tree.leaves(other)[0], jax.tree.leaves(params)[0])  # its own initialization
     with pytest.raises(ValueError, match="above warmup"):
         regression.train(images, 5, model=TINY, warmup=5)
 
@@ -247,7 +249,11 @@ def fake_mnist(split):
 @pytest.mark.parametrize("argv, match", [(["--steps", "10", "--warmup", "10"], "--steps must exceed --warmup"),
                                          (["--val-images", "0:6000"], "out of range"),
                                          (["--init-from", "/no/such.msgpack"], "no such file"),
-                                         (["--named", "257"], "--named must lie in 0..256")])
+                                         (["--named", "257"], "--named must lie in 0..256"),
+                                         (["--refiner-from", "x.msgpack"], "give --init-from too"),
+                                         (["--init-seed", "3", "--init-from", "x.msgpack"], "not with --init-from"),
+                                         (["--refiner", "0", "--init-from", "x.msgpack"], "0 only for a fresh"),
+                                         (["--ship", "0"], "--ship must name a member")])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -295,22 +301,29 @@ def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
     start = tmp_path / "start.msgpack"
     start.write_bytes(regression.to_bytes(regression.ConditionalMeanNet(refiner=2).init(
         jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
-    common = ["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--init-from", str(start),
-              "--out", str(tmp_path / "out")]
-    assert cli.main([*common, "--seed", "1", "--ship"]) == 0
-    assert cli.main([*common, "--seed", "2", "--ship", "2"]) == 0
+    core = tmp_path / "core.msgpack"  # another core alone, its own initialization
+    core.write_bytes(regression.to_bytes(regression.ConditionalMeanNet(refiner=0).init(
+        jax.random.key(7), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
+    common = ["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--out", str(tmp_path / "out")]
+    assert cli.main([*common, "--init-from", str(start), "--seed", "1", "--ship"]) == 0
+    assert cli.main([*common, "--init-from", str(core), "--refiner-from", str(start), "--trainable", "refiner",
+                     "--seed", "2", "--ship", "2"]) == 0
     capsys.readouterr()
     card = regression.card()
     assert [m["file"] for m in card["members"]] == ["conditional_mean.msgpack", "conditional_mean_2.msgpack"]
     assert [m["stage"]["seed"] for m in card["members"]] == [1, 2]
+    assert card["members"][1]["stage"]["refiner_from"]["path"] == str(start)
     members = regression.ensemble()
-    assert len(members) == 2 and not np.allclose(jax.tree.leaves(members[0])[0], jax.tree.leaves(members[1])[0])
+    assert len(members) == 2 and regression.model_of(members[1]).refiner == 2  # the width of start's refiner
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),  # the core kept (float16 on disk)
+                 {k: v for k, v in members[1]["params"].items() if k != "refiner"},
+                 {k: v for k, v in regression.load(str(core))["params"].items() if k != "refiner"})
     x = to_unit_interval(fake_mnist("validation")[0][:10])
     masks = ip.batch_masks("top_half", np.arange(10), jax.random.split(jax.random.key(0))[0])
     psnr = np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64).mean()
     assert psnr == pytest.approx(card["validation"]["scores"]["top_half"]["psnr"], abs=1e-3)
     with pytest.raises(SystemExit) as exit_:
-        cli.main([*common, "--ship", "4"])
+        cli.main([*common, "--init-from", str(start), "--ship", "4"])
     assert exit_.value.code == 2 and "ship 3 next" in capsys.readouterr().err
 
 

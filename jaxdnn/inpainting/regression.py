@@ -120,8 +120,8 @@ def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
     return ~missing
 
 
-def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, batch_size: int = 256,
-          warmup: int = 500, weight_decay: float = 1e-4, named: int = 0, objective: str = "mse",
+def train(images, steps: int, seed: int = 1, params=None, *, init_seed: int = 0, lr: float = 1e-3,
+          batch_size: int = 256, warmup: int = 500, weight_decay: float = 1e-4, named: int = 0, objective: str = "mse",
           trainable: str = "all", model: ConditionalMeanNet | None = None,
           callback: Callable[[int, float, dict], None] | None = None):
     """Parameters after `steps` of AdamW (a warm-up of `warmup` steps to `lr`, then a cosine to 0)
@@ -130,7 +130,7 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
     (minus the mean PSNR, up to a constant: what the scores average; images already filled well
     weigh as much as the hard ones). images: float (N, 28, 28, 1) in [0, 1], the training split;
     step i (1-based) draws its batch, masks and dropout from fold_in(key(seed), i).
-    params: continue from these (a fresh optimizer and schedule); None: initialise from key(0).
+    params: continue from these (a fresh optimizer and schedule); None: initialise from key(init_seed).
     named: rows of each batch under the named masks (`random_masks`); 0 = random families only.
     trainable: "all", or "refiner" (the core's weights stay as they are; its dropout still acts).
     callback(step, loss, params) is called after every step (progress, checkpoints)."""
@@ -145,7 +145,7 @@ def train(images, steps: int, seed: int = 1, params=None, *, lr: float = 1e-3, b
         raise ValueError("trainable='refiner' needs a model with a refiner (refiner > 0 channels)")
     x_all = jnp.asarray(check_images(images, "images")).reshape(-1, PIXELS)
     if params is None:
-        params = model.init(jax.random.key(0), x_all[:2], jnp.ones((2, PIXELS), bool))
+        params = model.init(jax.random.key(init_seed), x_all[:2], jnp.ones((2, PIXELS), bool))
     opt, step = _optimizer_and_step(model, steps, lr, batch_size, warmup, weight_decay, named, objective, trainable)
     state = opt.init(params)
 
