@@ -578,6 +578,7 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
         assert np.isfinite(v)
     assert set(out["accuracy"]) == {"method", "mean_fill", "nearest_neighbor", "knn_mean", "ceiling", "floor"}
     assert all(0.0 <= v <= 1.0 for v in out["accuracy"].values())
+    assert 0.0 < out["method_seconds"] <= out["seconds"]  # the method's own time, inside the whole call's
     for name, d in out["paired"].items():  # the paired mean is the difference of the means
         assert d["mean"] == pytest.approx(out["psnr"] - out["baselines"][name]["psnr"], abs=1e-9) and d["stderr"] >= 0
     assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0
