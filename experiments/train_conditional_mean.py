@@ -19,7 +19,10 @@ what `regression.predict` gives). The shipped ensemble's first member:
 --named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 3000 --seed 8
 --named 128 --objective psnr --warmup 200 --trainable refiner --refiner 64` (stage 8: a convolutional
 refiner of 64 channels on the frozen core; it replaced stage 7's 32), each `--init-from` the last one's
-output; its second member: the same core trained from its own initialization (docs/inpainting.md).
+output; its second member (stage 9): `--steps 30000 --seed 11 --init-seed 11 --refiner 0 --named 128
+--objective psnr`, then `--steps 800 --seed 12 --named 128 --objective psnr --lr 3e-4 --warmup 50
+--trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 2`
+(docs/inpainting.md).
 """
 
 from __future__ import annotations
