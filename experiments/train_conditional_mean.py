@@ -192,9 +192,8 @@ def ship(member: int, params, card: dict, validation) -> None:
     atomic_write_bytes(path, regression.to_bytes(params))
     members = [*members[:member - 1], {"file": path.name, **card}, *members[member:]]
     ensemble = {"model": f"an ensemble of {len(members)} ConditionalMeanNet(s), the mean of their estimates",
-                "members": members}
-    atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())  # ensemble() reads it
-    ensemble["validation"] = validation(regression.ensemble())
+                "members": members,
+                "validation": validation([regression.load(path.parent / m["file"]) for m in members])}
     atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())
 
 
