@@ -2,6 +2,7 @@
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
         [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-seed N]
+        [--width 1024] [--depth 3] [--dropout 0.1]
         [--init-from FILE [--refiner-from FILE]]
         [--val-images 0:500]
         [--out DIR] [--ship [MEMBER]]
@@ -60,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--refiner", type=int, default=None, metavar="CHANNELS",
                    help="channels of the convolutional refiner (default: that of --init-from's weights, or "
                         "32 where they have none; 0: none, a fresh dense core alone)")
+    p.add_argument("--width", type=int, default=None, help="units of each dense layer of a fresh core (default 1024)")
+    p.add_argument("--depth", type=int, default=None, help="dense layers of a fresh core (default 3)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout after each dense layer while training (default 0.1)")
     p.add_argument("--init-seed", type=int, default=0, metavar="N",
                    help="initializes a fresh network (default 0; not with --init-from)")
     p.add_argument("--init-from", default=None, metavar="FILE", help="continue from these weights (a .msgpack)")
@@ -82,6 +87,12 @@ def main(argv=None) -> int:
         p.error(f"--refiner must be a positive number of channels (0 only for a fresh network), got {a.refiner}")
     if a.init_from is not None and a.init_seed != 0:
         p.error("--init-seed initializes a fresh network: not with --init-from")
+    if a.init_from is not None and (a.width, a.depth) != (None, None):
+        p.error("--width and --depth shape a fresh network: --init-from's weights have theirs")
+    if a.width is not None and a.width < 1 or a.depth is not None and a.depth < 1:
+        p.error(f"--width and --depth must be positive, got {a.width} and {a.depth}")
+    if a.dropout is not None and not 0 <= a.dropout < 1:
+        p.error(f"--dropout must lie in [0, 1), got {a.dropout}")
     if a.refiner_from is not None and a.init_from is None:
         p.error("--refiner-from replaces the refiner of --init-from's weights: give --init-from too")
     if a.ship is not None and a.ship < 1:
@@ -117,7 +128,10 @@ def main(argv=None) -> int:
         except (ValueError, OSError) as e:
             fail(PROG, f"--refiner-from {a.refiner_from}: cannot read these weights ({e})")
         init = {"params": {**init["params"], "refiner": refiner}}
-    model = regression.model_of(init) if init is not None else regression.ConditionalMeanNet(
+    default = regression.ConditionalMeanNet()
+    dropout = default.dropout if a.dropout is None else a.dropout
+    model = regression.model_of(init, dropout) if init is not None else default.clone(
+        width=a.width or default.width, depth=a.depth or default.depth, dropout=dropout,
         refiner=regression.REFINER if a.refiner is None else a.refiner)
     bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
 

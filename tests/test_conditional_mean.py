@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from experiments import train_conditional_mean as cli
 from jaxdnn import inpainting as ip
@@ -126,6 +127,19 @@ def test_the_refiner_width_is_read_from_the_weights(tmp_path):
     assert regression.model_of(regression.load(str(path), 4)).refiner == 4
     assert regression.model_of(regression.load(str(path))).refiner == regression.REFINER
     assert regression.model_of(core).refiner == 0
+
+
+def test_the_core_shape_is_read_from_the_weights(tmp_path):
+    """`model_of` reads a core's width and depth from its weights, so members of other shapes load
+    and predict as they were trained; dropout leaves no weights and is whatever is asked."""
+    x = jnp.zeros((1, 784))
+    for net in (TINY, TINY.clone(width=24, depth=2, refiner=3), regression.ConditionalMeanNet(depth=4, refiner=0)):
+        params = net.init(jax.random.key(1), x, jnp.ones((1, 784), bool))
+        assert regression.model_of(params, net.dropout) == net
+        assert regression.model_of(params, 0.3).dropout == 0.3
+    path = tmp_path / "deep.msgpack"
+    path.write_bytes(regression.to_bytes(params))
+    assert regression.model_of(regression.load(path)) == net.clone(refiner=regression.REFINER)
 
 
 @pytest.mark.parametrize("objective", regression.OBJECTIVES)
@@ -253,6 +267,9 @@ def fake_mnist(split):
                                          (["--refiner-from", "x.msgpack"], "give --init-from too"),
                                          (["--init-seed", "3", "--init-from", "x.msgpack"], "not with --init-from"),
                                          (["--refiner", "0", "--init-from", "x.msgpack"], "0 only for a fresh"),
+                                         (["--depth", "4", "--init-from", "x.msgpack"], "shape a fresh network"),
+                                         (["--width", "0"], "must be positive"),
+                                         (["--dropout", "1"], "--dropout must lie in [0, 1)"),
                                          (["--ship", "0"], "--ship must name a member")])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -286,6 +303,24 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     assert json.loads((out / "conditional_mean.json").read_text()) == card
     trained = regression.load(str(out / "conditional_mean.msgpack"))
     assert not np.allclose(jax.tree.leaves(trained)[0], jax.tree.leaves(regression.load(str(start)))[0])
+
+
+def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsys):
+    """--width, --depth, --dropout and --refiner 0 shape a fresh network; its card says so and its
+    weights load as that network."""
+    import jaxdnn.data
+
+    monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
+    monkeypatch.setattr(cli, "NEIGHBOURS", 4)
+    out = tmp_path / "out"
+    assert cli.main(["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--width", "24", "--depth", "2",
+                     "--dropout", "0.2", "--refiner", "0", "--init-seed", "5", "--out", str(out)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert "width 24, depth 2, dropout 0.2; refiner: 0 channels" in card["model"]
+    assert card["stage"]["init_seed"] == 5
+    params = serialization.msgpack_restore((out / "conditional_mean.msgpack").read_bytes())
+    assert regression.model_of(params, 0.2) == regression.ConditionalMeanNet(width=24, depth=2, dropout=0.2,
+                                                                              refiner=0)
 
 
 def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):

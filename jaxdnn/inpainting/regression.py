@@ -193,11 +193,16 @@ def _template(model: ConditionalMeanNet):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, PIXELS)), jnp.ones((1, PIXELS), bool))
 
 
-def model_of(params) -> ConditionalMeanNet:
-    """The network these parameters belong to: the shipped core, and a refiner of as many channels
-    as their refiner has (none if they have none)."""
-    refiner = params["params"].get("refiner")
-    return ConditionalMeanNet(refiner=0 if refiner is None else refiner["Conv_0"]["kernel"].shape[-1])
+def model_of(params, dropout: float = ConditionalMeanNet.dropout) -> ConditionalMeanNet:
+    """The network these parameters belong to: a dense core of their width and depth, and a refiner
+    of as many channels as their refiner has (none if they have none). Dropout leaves no weights:
+    `dropout` (training only; the estimates do not depend on it)."""
+    p = params["params"]
+    depth = sum(1 for k in p if k.startswith("Dense_")) - 1
+    refiner = p.get("refiner")
+    return ConditionalMeanNet(width=p["Dense_0"]["kernel"].shape[-1] if depth else ConditionalMeanNet.width,
+                              depth=depth, dropout=dropout,
+                              refiner=0 if refiner is None else refiner["Conv_0"]["kernel"].shape[-1])
 
 
 def member_file(member: int) -> Path:
