@@ -159,6 +159,22 @@ def test_bad_configs_exit_2_with_one_line(flag, match, tmp_path, capsys):
         assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_an_exported_card_belongs_to_its_weights(tmp_path):
+    """export writes the weights' sha256 into the card; a card beside other weights (one file copied
+    without the other) is refused by `card` and `load`, naming both files."""
+    model = build_model("nice", **pretrained.card("nice")["model_config"])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    info = {**pretrained.card("nice"), "steps": 7}
+    path = pretrained.export(params, info, "small", tmp_path)
+    assert pretrained.card(path)["steps"] == 7 and len(pretrained.card(path)["weights_sha256"]) == 64
+    other = jax.tree.map(lambda a: a + 1, params)
+    pretrained.export(other, info, "other", tmp_path)
+    path.with_suffix(".json").write_text((tmp_path / "other.json").read_text())  # the card of other weights
+    for read in (pretrained.card, pretrained.load):
+        with pytest.raises(ValueError, match="card of other weights than .*small.msgpack"):
+            read(path)
+
+
 @pytest.mark.parametrize("name", ["nice", "realnvp", "glow"])
 def test_recipe_files_are_complete_checked_configs(name):
     from experiments import train_flow

@@ -8,12 +8,14 @@ A source is one of
   (what `python -m experiments.train_flow --export` writes, by default into the run's workdir);
 - a training workdir (it holds config.json): its latest checkpoint's averaged weights.
 Cards carry the config, every training stage's command, steps, epochs, wall time and hardware,
-and the validation and test bits/dim.
+and the validation and test bits/dim; an exported card also the sha256 of its weights file
+("weights_sha256"), so that a card copied without its weights (or the reverse) is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from importlib import resources
@@ -57,11 +59,21 @@ def short_name(source: str | os.PathLike) -> str:
     return path.name if kind == "workdir" else path.stem
 
 
+def _file_card(path: Path) -> dict:
+    """The card beside weights file `path`, checked to belong to it where it names its weights' sha256."""
+    info = json.loads(path.with_suffix(".json").read_text())
+    expected = info.get("weights_sha256")
+    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise ValueError(f"{path.with_suffix('.json')} is the card of other weights than {path} (their sha256 "
+                         "differs from its weights_sha256): copy the .msgpack and its .json together")
+    return info
+
+
 def card(source: str | os.PathLike) -> dict:
     """The card of `source`; for a workdir, its config with "steps" of its latest checkpoint."""
     kind, path = _kind(source)
     if kind != "workdir":
-        return json.loads(path.with_suffix(".json").read_text())
+        return _file_card(path)
     steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
     if not steps:
         raise ValueError(f"training workdir {path} has no checkpoint yet")
@@ -83,7 +95,7 @@ def _load(kind: str, path: Path):
         info = json.loads((path / "config.json").read_text())
         model = build_model(info["model"], **info["model_config"])
         return model, jax.device_get(_restore_workdir(path).ema_params)
-    info = json.loads(path.with_suffix(".json").read_text())
+    info = _file_card(path)
     model = build_model(info["model"], **info["model_config"])
     template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     params = serialization.from_bytes(template, path.read_bytes())
@@ -132,9 +144,11 @@ def test_bpd(source: str | os.PathLike, limit: int | None = None, key=None, samp
 
 def export(params, info: dict, name: str, directory: str | os.PathLike) -> Path:
     """Writes `<name>.msgpack` and `<name>.json` (temp names, then renamed) into `directory`
-    (`SHIPPED_DIR` ships them with the package: maintainers only)."""
+    (`SHIPPED_DIR` ships them with the package: maintainers only); the card `info` gains the
+    weights' sha256 ("weights_sha256")."""
     directory = Path(directory)
     blob = serialization.to_bytes(jax.device_get(params))
+    info = {**info, "weights_sha256": hashlib.sha256(blob).hexdigest()}
     for suffix, data in ((".msgpack", blob), (".json", json.dumps(info, indent=2).encode())):
         atomic_write_bytes(directory / f"{name}{suffix}", data)
     return directory / f"{name}.msgpack"
