@@ -22,7 +22,10 @@ what `regression.predict` gives). The shipped ensemble's first member:
 refiner of 64 channels on the frozen core; it replaced stage 7's 32), each `--init-from` the last one's
 output; its second member (stage 9): `--steps 30000 --seed 11 --init-seed 11 --refiner 0 --named 128
 --objective psnr`, then `--steps 800 --seed 12 --named 128 --objective psnr --lr 3e-4 --warmup 50
---trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 2`
+--trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 2`;
+its third (stage 10, a core of four layers): `--steps 30000 --seed 13 --init-seed 13 --refiner 0 --depth 4
+--named 128 --objective psnr`, then `--steps 400 --seed 16 --named 128 --objective psnr --lr 3e-4 --warmup 30
+--trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 3`
 (docs/inpainting.md).
 """
 

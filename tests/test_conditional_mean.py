@@ -168,9 +168,13 @@ def test_weights_round_trip_through_float16(tmp_path):
     params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path = tmp_path / "w.msgpack"
     path.write_bytes(regression.to_bytes(params))
-    full = regression.ConditionalMeanNet()
-    with pytest.raises(ValueError):  # a network of another size is not the shipped one
+    assert regression.model_of(regression.load(path)) == TINY.clone(dropout=0.1, refiner=regression.REFINER)
+    wrong = {"params": {"Dense_0": {"kernel": np.zeros((10, 16), np.float32), "bias": np.zeros(16, np.float32)},
+                        "Dense_1": {"kernel": np.zeros((16, 784), np.float32), "bias": np.zeros(784, np.float32)}}}
+    path.write_bytes(regression.to_bytes(wrong))  # a dense core that does not read (image, mask) pairs
+    with pytest.raises(ValueError, match="not of the shipped network's shapes"):
         regression.load(str(path))
+    full = regression.ConditionalMeanNet()
     params = full.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path.write_bytes(regression.to_bytes(params))
     back = regression.load(str(path))
