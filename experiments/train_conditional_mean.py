@@ -31,7 +31,6 @@ its third (stage 10, a core of four layers): `--steps 30000 --seed 13 --init-see
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -41,7 +40,7 @@ import numpy as np
 
 from experiments.common import ArgumentParser, fail
 from experiments.inpaint import parse_range, split_range_error
-from jaxdnn.files import atomic_write_bytes
+from jaxdnn.files import atomic_write_bytes, sha256
 
 PROG = "python -m experiments.train_conditional_mean"
 NEIGHBOURS = 32  # the baseline on the card: the mean of this many nearest training images (latent's starts)
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
         stage["init_seed"] = a.init_seed
     for key, path in (("init_from", a.init_from), ("refiner_from", a.refiner_from)):
         if path is not None:
-            stage[key] = {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+            stage[key] = {"path": path, "sha256": sha256(path)}
     card = {"model": f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout "
                      f"{model.dropout}; refiner: {model.refiner} channels, dilations {regression.DILATIONS})",
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "

@@ -1,12 +1,13 @@
-"""Writing files so that nothing is ever half-written: a temp name in the same folder, then an
-atomic rename."""
+"""Files: written so that nothing is ever half-written (a temp name in the same folder, then an
+atomic rename), and their sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "sha256"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -20,3 +21,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of the file at `path`, read in blocks of 1 MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

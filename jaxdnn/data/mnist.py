@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdnn.data.idx import parse_idx
+from jaxdnn.files import sha256
 
 # SHA-256 of the *uncompressed* IDX files of the original MNIST, so that any
 # source (raw or gzipped, any compressor) is verified the same way.
@@ -51,14 +51,6 @@ def default_data_dir() -> Path:
     """`$JAXDNN_DATA_DIR`, else `~/.cache/jaxdnn/mnist`."""
     env = os.environ.get("JAXDNN_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxdnn" / "mnist"
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FetchError(RuntimeError):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
-from jaxdnn.files import atomic_write_bytes
+from jaxdnn.files import atomic_write_bytes, sha256
 from jaxdnn.flows import build_model
 from jaxdnn.flows.distribution import FlowDistribution
 
@@ -63,7 +63,7 @@ def _file_card(path: Path) -> dict:
     """The card beside weights file `path`, checked to belong to it where it names its weights' sha256."""
     info = json.loads(path.with_suffix(".json").read_text())
     expected = info.get("weights_sha256")
-    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    if expected is not None and sha256(path) != expected:
         raise ValueError(f"{path.with_suffix('.json')} is the card of other weights than {path} (their sha256 "
                          "differs from its weights_sha256): copy the .msgpack and its .json together")
     return info
