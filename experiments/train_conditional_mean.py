@@ -2,10 +2,10 @@
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
         [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-seed N]
-        [--width 1024] [--depth 3] [--dropout 0.1]
+        [--width 1024] [--depth 3] [--unet CHANNELS] [--dropout 0.1]
         [--init-from FILE [--refiner-from FILE]]
         [--val-images 0:500]
-        [--out DIR] [--ship [MEMBER]]
+        [--out DIR] [--ship [MEMBER] [--weight W]]
 
 Training images 0..54999 under random masks; the card gives, for validation images (never test
 images) and every named mask, the network's PSNR over the missing pixels beside the mean of the
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
                         "32 where they have none; 0: none, a fresh dense core alone)")
     p.add_argument("--width", type=int, default=None, help="units of each dense layer of a fresh core (default 1024)")
     p.add_argument("--depth", type=int, default=None, help="dense layers of a fresh core (default 3)")
+    p.add_argument("--unet", type=int, default=None, metavar="CHANNELS",
+                   help="a fresh UNetMeanNet of these channels (at 28 pixels) instead of a dense core; "
+                        "--width is its bottleneck's (default 512)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout after each dense layer while training (default 0.1)")
     p.add_argument("--init-seed", type=int, default=0, metavar="N",
@@ -78,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--ship", type=int, nargs="?", const=1, default=None, metavar="MEMBER",
                    help="also write into the package as this member of the shipped ensemble (default 1; "
                         "maintainers)")
+    p.add_argument("--weight", type=float, default=None, metavar="W",
+                   help="with --ship: this member's weight in the ensemble's mean, the others keeping their "
+                        "proportions (default: its weight before, or 1/N for a new member of N)")
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if not 0 <= a.warmup < a.steps:
         p.error(f"--steps must exceed --warmup >= 0, got --steps {a.steps} --warmup {a.warmup}")
@@ -93,12 +99,17 @@ def main(argv=None) -> int:
         p.error("--width and --depth shape a fresh network: --init-from's weights have theirs")
     if a.width is not None and a.width < 1 or a.depth is not None and a.depth < 1:
         p.error(f"--width and --depth must be positive, got {a.width} and {a.depth}")
+    if a.unet is not None and (a.unet < 1 or a.init_from or a.depth or a.refiner or a.trainable != "all"):
+        p.error(f"--unet shapes a fresh U-Net of a positive number of channels, without --init-from, --depth, "
+                f"--refiner or --trainable refiner; got --unet {a.unet}")
     if a.dropout is not None and not 0 <= a.dropout < 1:
         p.error(f"--dropout must lie in [0, 1), got {a.dropout}")
     if a.refiner_from is not None and a.init_from is None:
         p.error("--refiner-from replaces the refiner of --init-from's weights: give --init-from too")
     if a.ship is not None and a.ship < 1:
         p.error(f"--ship must name a member 1, 2, ..., got {a.ship}")
+    if a.weight is not None and (a.ship is None or not 0 < a.weight <= 1):
+        p.error(f"--weight is a shipped member's weight in (0, 1]: give it with --ship; got --weight {a.weight}")
     if split_range_error(a.val_images, "validation"):
         p.error(split_range_error(a.val_images, "validation"))
     for flag, path in (("--init-from", a.init_from), ("--refiner-from", a.refiner_from)):
@@ -118,6 +129,8 @@ def main(argv=None) -> int:
     shipped = len(regression.card()["members"]) if regression.CARD.is_file() else 0
     if a.ship is not None and a.ship > shipped + 1:
         fail(PROG, f"--ship {a.ship}: the shipped ensemble has {shipped} member(s); ship {shipped + 1} next")
+    if a.weight is not None and a.weight < 1 and max(shipped, a.ship) == 1:
+        fail(PROG, f"--weight {a.weight}: the ensemble would have one member, whose weight is 1")
     init = None
     if a.init_from is not None:
         try:
@@ -129,12 +142,20 @@ def main(argv=None) -> int:
             refiner = regression.load(a.refiner_from)["params"]["refiner"]
         except (ValueError, OSError) as e:
             fail(PROG, f"--refiner-from {a.refiner_from}: cannot read these weights ({e})")
+        except KeyError:
+            fail(PROG, f"--refiner-from {a.refiner_from}: a network without a refiner")
+        if "refiner" not in init["params"]:
+            fail(PROG, f"--refiner-from: --init-from {a.init_from} is a network without a refiner")
         init = {"params": {**init["params"], "refiner": refiner}}
     default = regression.ConditionalMeanNet()
     dropout = default.dropout if a.dropout is None else a.dropout
-    model = regression.model_of(init, dropout) if init is not None else default.clone(
-        width=a.width or default.width, depth=a.depth or default.depth, dropout=dropout,
-        refiner=regression.REFINER if a.refiner is None else a.refiner)
+    if init is not None:
+        model = regression.model_of(init, dropout)
+    elif a.unet is not None:
+        model = regression.UNetMeanNet(channels=a.unet, width=a.width or regression.UNetMeanNet.width, dropout=dropout)
+    else:
+        model = default.clone(width=a.width or default.width, depth=a.depth or default.depth, dropout=dropout,
+                              refiner=regression.REFINER if a.refiner is None else a.refiner)
     bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
 
     def progress(step, loss, params):
@@ -157,11 +178,12 @@ def main(argv=None) -> int:
     knn = {mask: np.asarray(masked_psnr(knn_mean(val_x, m, train_x, k=NEIGHBOURS), val_x, m), np.float64)
            for mask, m in masks.items()}  # random50 draws each image's pixels from its number, as experiments.inpaint
 
-    def validation(params) -> dict:
-        """Every mask's validation PSNR for these parameters (one network or an ensemble), beside knn."""
+    def validation(params, weights=None) -> dict:
+        """Every mask's validation PSNR for these parameters (one network, or an ensemble and its
+        weights), beside knn."""
         scores = {}
         for mask, m in masks.items():
-            net = np.asarray(masked_psnr(regression.predict(val_x, m, params), val_x, m), np.float64)
+            net = np.asarray(masked_psnr(regression.predict(val_x, m, params, weights), val_x, m), np.float64)
             d = net - knn[mask]
             scores[mask] = {"psnr": round(float(net.mean()), 3),
                             f"knn_mean_{NEIGHBOURS}": round(float(knn[mask].mean()), 3),
@@ -180,8 +202,7 @@ def main(argv=None) -> int:
     for key, path in (("init_from", a.init_from), ("refiner_from", a.refiner_from)):
         if path is not None:
             stage[key] = {"path": path, "sha256": sha256(path)}
-    card = {"model": f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout "
-                     f"{model.dropout}; refiner: {model.refiner} channels, dilations {regression.DILATIONS})",
+    card = {"model": regression.describe(model),
             "trained_on": "training images 0..54999 under random masks (regression.random_masks; "
                           f"this stage: {a.named} of 256 rows the named masks)",
             "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -192,24 +213,33 @@ def main(argv=None) -> int:
     atomic_write_bytes(out / "conditional_mean.msgpack", serialization.to_bytes(jax.device_get(params)))
     atomic_write_bytes(out / "conditional_mean.json", json.dumps(card, indent=2).encode())
     if a.ship is not None:
-        ship(a.ship, params, card, validation)
+        ship(a.ship, params, card, validation, a.weight)
     print(json.dumps(card))
     return 0
 
 
-def ship(member: int, params, card: dict, validation) -> None:
+def ship(member: int, params, card: dict, validation, weight: float | None = None) -> None:
     """Write `params` (float16) into the package as this member of the shipped ensemble, and the
-    ensemble's card: every member's card (this one's replaced or appended) and the validation
-    scores of all of them together, read back as `regression.predict` reads them."""
+    ensemble's card: every member's card (this one's replaced or appended) with its weight in the
+    mean (this one's `weight`, the others keeping their proportions; None: its weight before, or
+    1/N for a new member of N) and the validation scores of all of them together, read back as
+    `regression.predict` reads them."""
     from jaxdnn.inpainting import regression
 
     members = regression.card()["members"] if regression.CARD.is_file() else []
+    before = list(regression.member_weights()) if members else []
+    if weight is None:
+        weight = before[member - 1] if member <= len(before) else 1 / (len(before) + 1)
+    others = before[:member - 1] + before[member:]
+    weights = [w * (1 - weight) / sum(others) for w in others] if others else []
+    weights.insert(member - 1, 1.0 if not others else weight)
     path = regression.member_file(member)
     atomic_write_bytes(path, regression.to_bytes(params))
     members = [*members[:member - 1], {"file": path.name, **card}, *members[member:]]
-    ensemble = {"model": f"an ensemble of {len(members)} ConditionalMeanNet(s), the mean of their estimates",
+    members = [{**m, "weight": w} for m, w in zip(members, weights, strict=True)]
+    ensemble = {"model": f"an ensemble of {len(members)} networks, the weighted mean of their estimates",
                 "members": members,
-                "validation": validation([regression.load(path.parent / m["file"]) for m in members])}
+                "validation": validation([regression.load(path.parent / m["file"]) for m in members], weights)}
     atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())
 
 

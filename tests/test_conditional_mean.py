@@ -142,6 +142,31 @@ def test_the_core_shape_is_read_from_the_weights(tmp_path):
     assert regression.model_of(regression.load(path)) == net.clone(refiner=regression.REFINER)
 
 
+def test_a_unet_member_loads_as_trained_and_joins_an_ensemble(tmp_path):
+    """A UNetMeanNet's channels and bottleneck are read from its weights; it loads with no refiner
+    added (a refiner asked of it is refused), predicts as trained through float16, and averages with
+    a dense member (the CLI's test trains one)."""
+    net = regression.UNetMeanNet(channels=4, width=8, dropout=0.0)
+    x = jnp.asarray(one_pattern(2)).reshape(2, 784)
+    m = jnp.stack([ip.make_mask("top_half"), ip.make_mask("center")]).reshape(2, 784)
+    params = net.init(jax.random.key(1), x, m)
+    assert regression.model_of(params, 0.0) == net and "refiner" not in params["params"]
+    assert "UNetMeanNet (convolutions of 4, 8 and 16 channels" in regression.describe(net)
+    path = tmp_path / "unet.msgpack"
+    path.write_bytes(regression.to_bytes(params))
+    loaded = regression.load(path)
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    np.testing.assert_allclose(net.apply(loaded, x, m), net.apply(params, x, m), atol=2e-3)
+    with pytest.raises(ValueError, match="has no refiner"):
+        regression.load(path, 4)
+    dense = TINY.init(jax.random.key(2), x, m)
+    images, masks = x.reshape(2, 28, 28, 1), m.reshape(2, 28, 28, 1)
+    both = [np.asarray(regression.predict(images, masks, p)) for p in (dense, params)]
+    np.testing.assert_allclose(regression.predict(images, masks, [dense, params]), (both[0] + both[1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a model with a refiner"):
+        regression.train(np.asarray(images), 2, model=net, warmup=1, trainable="refiner")
+
+
 @pytest.mark.parametrize("objective", regression.OBJECTIVES)
 def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
     images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)
@@ -274,7 +299,12 @@ def fake_mnist(split):
                                          (["--depth", "4", "--init-from", "x.msgpack"], "shape a fresh network"),
                                          (["--width", "0"], "must be positive"),
                                          (["--dropout", "1"], "--dropout must lie in [0, 1)"),
-                                         (["--ship", "0"], "--ship must name a member")])
+                                         (["--unet", "0"], "--unet shapes a fresh U-Net"),
+                                         (["--unet", "8", "--depth", "2"], "--unet shapes a fresh U-Net"),
+                                         (["--unet", "8", "--init-from", "x.msgpack"], "--unet shapes a fresh U-Net"),
+                                         (["--ship", "0"], "--ship must name a member"),
+                                         (["--weight", "0.5"], "give it with --ship"),
+                                         (["--ship", "2", "--weight", "0"], "weight in (0, 1]")])
 def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -327,6 +357,25 @@ def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsy
                                                                               refiner=0)
 
 
+def test_cli_trains_a_fresh_unet_member(monkeypatch, tmp_path, capsys):
+    """--unet CHANNELS (--width its bottleneck) trains a fresh UNetMeanNet; its card names it and
+    its weights load as that network; a refiner cannot be taken from it."""
+    import jaxdnn.data
+
+    monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
+    monkeypatch.setattr(cli, "NEIGHBOURS", 4)
+    out = tmp_path / "out"
+    assert cli.main(["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--unet", "4", "--width", "8",
+                     "--out", str(out)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["model"].startswith("UNetMeanNet (convolutions of 4, 8 and 16 channels")
+    trained = out / "conditional_mean.msgpack"
+    assert regression.model_of(regression.load(trained)) == regression.UNetMeanNet(channels=4, width=8)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--steps", "2", "--warmup", "1", "--init-from", str(trained), "--refiner-from", str(trained)])
+    assert exit_.value.code == 2 and "without a refiner" in capsys.readouterr().err
+
+
 def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
     """--ship 1, then --ship 2 (another seed): two float16 files in the package and one card with
     both members' stages and the validation scores of their mean, which `predict` reproduces; a
@@ -347,8 +396,12 @@ def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
     assert cli.main([*common, "--init-from", str(start), "--seed", "1", "--ship"]) == 0
     assert cli.main([*common, "--init-from", str(core), "--refiner-from", str(start), "--trainable", "refiner",
                      "--seed", "2", "--ship", "2"]) == 0
+    assert [m["weight"] for m in regression.card()["members"]] == [0.5, 0.5]
+    assert cli.main([*common, "--init-from", str(core), "--refiner-from", str(start), "--trainable", "refiner",
+                     "--seed", "2", "--ship", "2", "--weight", "0.75"]) == 0  # the same member, weighed anew
     capsys.readouterr()
     card = regression.card()
+    assert [m["weight"] for m in card["members"]] == [0.25, 0.75] == list(regression.member_weights())
     assert [m["file"] for m in card["members"]] == ["conditional_mean.msgpack", "conditional_mean_2.msgpack"]
     assert [m["stage"]["seed"] for m in card["members"]] == [1, 2]
     assert card["members"][1]["stage"]["refiner_from"]["path"] == str(start)
@@ -367,8 +420,9 @@ def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
 
 
 def test_an_ensemble_averages_its_members():
-    """predict with several networks' parameters fills with the mean of their estimates; one
-    network in a list is that network; an empty list is refused."""
+    """predict with several networks' parameters fills with the mean of their estimates, or the
+    weighted mean for weights given; one network in a list is that network; an empty list and
+    weights that are not one non-negative number per network are refused."""
     x = jnp.asarray(one_pattern(3))
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
     nets = [regression.ConditionalMeanNet(refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
@@ -377,5 +431,9 @@ def test_an_ensemble_averages_its_members():
     one = [np.asarray(regression.predict(x, masks, p)) for p in nets]
     np.testing.assert_allclose(regression.predict(x, masks, nets), (one[0] + one[1]) / 2, atol=1e-6)
     np.testing.assert_array_equal(regression.predict(x, masks, nets[:1]), one[0])
+    np.testing.assert_allclose(regression.predict(x, masks, nets, (1, 3)), (one[0] + 3 * one[1]) / 4, atol=1e-6)
     with pytest.raises(ValueError, match="empty"):
         regression.predict(x, masks, [])
+    for bad in ((1,), (1, -1), (0, 0), (1, np.nan)):
+        with pytest.raises(ValueError, match="one non-negative number per network"):
+            regression.predict(x, masks, nets, bad)

@@ -38,8 +38,8 @@ from flax import serialization
 from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
 
-__all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "card", "ensemble", "load", "member_file",
-           "model_of", "predict", "random_masks", "train", "to_bytes"]
+__all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "UNetMeanNet", "card", "describe", "ensemble",
+           "load", "member_file", "member_weights", "model_of", "predict", "random_masks", "train", "to_bytes"]
 
 _HERE = Path(str(resources.files(__package__)))
 CARD = _HERE / "conditional_mean.json"  # the shipped ensemble's card: its members' files and stages, its scores
@@ -86,6 +86,39 @@ class ConditionalMeanNet(nn.Module):
         if self.refiner:
             logits = logits + Refiner(self.refiner, name="refiner")(x * mf, mf, nn.sigmoid(logits))
         return nn.sigmoid(logits)
+
+
+class UNetMeanNet(nn.Module):
+    """(observed pixels m * x, mask m), each (B, 784) -> every pixel's estimate (B, 784) in (0, 1),
+    the ensemble's convolutional member: a small U-Net, two 3 x 3 convolutions at each of 28, 14 and
+    7 pixels (`channels`, twice and four times as many; strided on the way down), a dense bottleneck
+    of `width` units with dropout over the 7 x 7 map (the whole image: which digit), and transposed
+    convolutions back up, each joined to the map of its size on the way down; GELU, a sigmoid output.
+    Its errors are less like the dense members' than theirs are like each other's."""
+
+    channels: int = 16
+    width: int = 512
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, m, train: bool = False):
+        mf = m.astype(jnp.float32)
+        c, act = self.channels, nn.gelu
+        h = jnp.stack([x * mf, mf], -1).reshape(-1, *IMAGE_SHAPE[:2], 2)
+        e1 = act(nn.Conv(c, (3, 3))(h))
+        e1 = act(nn.Conv(c, (3, 3))(e1))  # (B, 28, 28, c)
+        e2 = act(nn.Conv(2 * c, (3, 3), strides=2)(e1))
+        e2 = act(nn.Conv(2 * c, (3, 3))(e2))  # (B, 14, 14, 2c)
+        e3 = act(nn.Conv(4 * c, (3, 3), strides=2)(e2))
+        e3 = act(nn.Conv(4 * c, (3, 3))(e3))  # (B, 7, 7, 4c)
+        g = nn.Dropout(self.dropout, deterministic=not train)(act(nn.Dense(self.width)(e3.reshape(len(e3), -1))))
+        g = act(nn.Dense(e3[0].size)(g)).reshape(e3.shape)
+        d3 = act(nn.Conv(4 * c, (3, 3))(jnp.concatenate([e3, g], -1)))
+        d2 = act(nn.ConvTranspose(2 * c, (3, 3), strides=(2, 2))(d3))
+        d2 = act(nn.Conv(2 * c, (3, 3))(jnp.concatenate([d2, e2], -1)))
+        d1 = act(nn.ConvTranspose(c, (3, 3), strides=(2, 2))(d2))
+        d1 = act(nn.Conv(c, (3, 3))(jnp.concatenate([d1, e1], -1)))
+        return nn.sigmoid(nn.Conv(1, (3, 3))(d1).reshape(-1, PIXELS))
 
 
 def random_masks(key: jax.Array, batch: int, named: int = 0) -> jax.Array:
@@ -141,7 +174,7 @@ def train(images, steps: int, seed: int = 1, params=None, *, init_seed: int = 0,
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     model = ConditionalMeanNet() if model is None else model
-    if trainable == "refiner" and not model.refiner:
+    if trainable == "refiner" and not getattr(model, "refiner", 0):
         raise ValueError("trainable='refiner' needs a model with a refiner (refiner > 0 channels)")
     x_all = jnp.asarray(check_images(images, "images")).reshape(-1, PIXELS)
     if params is None:
@@ -189,20 +222,37 @@ def to_bytes(params) -> bytes:
     return serialization.to_bytes(jax.tree.map(lambda a: np.asarray(a, np.float16), jax.device_get(params)))
 
 
-def _template(model: ConditionalMeanNet):
+def _template(model: ConditionalMeanNet | UNetMeanNet):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, PIXELS)), jnp.ones((1, PIXELS), bool))
 
 
-def model_of(params, dropout: float = ConditionalMeanNet.dropout) -> ConditionalMeanNet:
-    """The network these parameters belong to: a dense core of their width and depth, and a refiner
-    of as many channels as their refiner has (none if they have none). Dropout leaves no weights:
-    `dropout` (training only; the estimates do not depend on it)."""
+def model_of(params, dropout: float = ConditionalMeanNet.dropout) -> ConditionalMeanNet | UNetMeanNet:
+    """The network these parameters belong to: a `UNetMeanNet` of their channels and bottleneck width,
+    or a `ConditionalMeanNet`, a dense core of their width and depth and a refiner of as many channels
+    as their refiner has (none if they have none). Dropout leaves no weights: `dropout` (training
+    only; the estimates do not depend on it)."""
     p = params["params"]
+    if _is_unet(p):
+        return UNetMeanNet(channels=p["Conv_0"]["kernel"].shape[-1], width=p["Dense_0"]["kernel"].shape[-1],
+                           dropout=dropout)
     depth = sum(1 for k in p if k.startswith("Dense_")) - 1
     refiner = p.get("refiner")
     return ConditionalMeanNet(width=p["Dense_0"]["kernel"].shape[-1] if depth else ConditionalMeanNet.width,
                               depth=depth, dropout=dropout,
                               refiner=0 if refiner is None else refiner["Conv_0"]["kernel"].shape[-1])
+
+
+def _is_unet(p: dict) -> bool:
+    return "ConvTranspose_0" in p
+
+
+def describe(model: ConditionalMeanNet | UNetMeanNet) -> str:
+    """One line for a card: the network's kind and shape."""
+    if isinstance(model, UNetMeanNet):
+        return (f"UNetMeanNet (convolutions of {model.channels}, {2 * model.channels} and {4 * model.channels} "
+                f"channels at 28, 14 and 7 pixels; dense bottleneck: width {model.width}, dropout {model.dropout})")
+    return (f"ConditionalMeanNet (dense core: width {model.width}, depth {model.depth}, dropout {model.dropout}; "
+            f"refiner: {model.refiner} channels, dilations {DILATIONS})")
 
 
 def member_file(member: int) -> Path:
@@ -216,6 +266,14 @@ def member_file(member: int) -> Path:
 def ensemble() -> tuple:
     """The shipped ensemble: each member's parameters (float32), in the card's order."""
     return tuple(load(_HERE / m["file"]) for m in card()["members"])
+
+
+def member_weights() -> tuple[float, ...]:
+    """The shipped members' weights in `predict`'s mean, in the card's order (each member's
+    "weight"; equal where the card gives none)."""
+    members = card()["members"]
+    given = [m.get("weight") for m in members]
+    return tuple(1 / len(members) for _ in members) if None in given else tuple(float(w) for w in given)
 
 
 def load(path, refiner: int | None = None):
@@ -238,7 +296,10 @@ def _load(path: Path, mtime_ns: int, size: int, refiner: int | None):
     raw = serialization.msgpack_restore(path.read_bytes())
     if not (isinstance(raw, dict) and isinstance(raw.get("params"), dict)):
         raise ValueError(f"{path}: not the conditional-mean network's weights (no params)")
-    if "refiner" not in raw["params"]:
+    unet = _is_unet(raw["params"])
+    if unet and refiner is not None:
+        raise ValueError(f"{path}: a UNetMeanNet has no refiner (refiner={refiner} asked)")
+    if "refiner" not in raw["params"] and not unet:
         fresh = Refiner(REFINER if refiner is None else refiner).init(
             jax.random.key(0), *3 * (jnp.zeros((1, PIXELS)),))["params"]
         raw = {"params": {**raw["params"], "refiner": serialization.to_state_dict(fresh)}}
@@ -246,7 +307,7 @@ def _load(path: Path, mtime_ns: int, size: int, refiner: int | None):
         model = model_of(raw)
     except (KeyError, IndexError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: these weights are not of the shipped network's shapes ({e!r})") from None
-    if refiner is not None and refiner != model.refiner:
+    if refiner is not None and refiner != getattr(model, "refiner", None):
         raise ValueError(f"{path}: its refiner has {model.refiner} channels, not {refiner}")
     template = _template(model)
     params = serialization.from_state_dict(template, raw)
@@ -266,11 +327,13 @@ def _estimate(params, x, m):
     return model_of(params).apply(params, x, m)
 
 
-def predict(images, masks, params=None) -> jax.Array:
+def predict(images, masks, params=None, weights=None) -> jax.Array:
     """The network's fill: observed pixels kept, missing ones its estimate. images float (B, 28,
     28, 1) or (28, 28, 1) in [0, 1]; masks as `check_mask` (True = observed); same shape out.
-    params: one network's parameters, a list or tuple of networks' (an ensemble: the mean of their
-    estimates), or None: the shipped ensemble."""
+    params: one network's parameters, a list or tuple of networks' (an ensemble: the weighted mean
+    of their estimates), or None: the shipped ensemble. weights: one non-negative number per
+    network, normalized to sum 1 (None: the card's `member_weights()` for the shipped ensemble, equal
+    weights for a list)."""
     images = check_images(images, "images")
     batch = images.reshape(-1, *images.shape[-3:])
     if batch.shape[1:] != IMAGE_SHAPE:
@@ -279,6 +342,11 @@ def predict(images, masks, params=None) -> jax.Array:
     members = ensemble() if params is None else tuple(params) if isinstance(params, (list, tuple)) else (params,)
     if not members:
         raise ValueError("params: an empty ensemble")
+    if weights is None:
+        weights = member_weights() if params is None else (1.0,) * len(members)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (len(members),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+        raise ValueError(f"weights: one non-negative number per network ({len(members)}), not all 0; got {weights!r}")
     x, m = batch.reshape(-1, PIXELS), masks.reshape(-1, PIXELS)
-    estimate = sum(_estimate(p, x, m) for p in members) / len(members)
+    estimate = sum(float(wi) * _estimate(p, x, m) for wi, p in zip(w / w.sum(), members, strict=True))
     return _fill(images, masks, estimate.reshape(batch.shape))
