@@ -14,10 +14,12 @@ logits and starts at zero, so weights trained for the core alone load as they we
 (`train(trainable="refiner")` trains it with the core frozen).
 
 The shipped estimate is an ensemble: networks trained apart (their own initialization, batches
-and masks) err apart, and the mean of their estimates has a lower squared error than either.
-`predict(images, masks)` averages the shipped members (`ensemble()`: the files the card lists beside
-this file, float16 on disk); `python -m experiments.train_conditional_mean --ship MEMBER` trains and
-exports one of them.
+and masks) err apart, and the mean of their estimates has a lower squared error than either; a
+`UNetMeanNet` (a small U-Net, convolutions all the way) errs less like the dense members than they
+do like each other. `predict(images, masks)` takes the weighted mean of the shipped members
+(`ensemble()`: the files the card lists beside this file, float16 on disk; `member_weights()`:
+their weights on the card); `python -m experiments.train_conditional_mean --ship MEMBER [--weight W]`
+trains and exports one of them.
 """
 
 from __future__ import annotations
