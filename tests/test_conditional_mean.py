@@ -221,7 +221,7 @@ def test_predict_keeps_the_observed_pixels_and_checks_its_input():
 
 
 @pytest.mark.mnist
-def test_the_shipped_network_reproduces_its_card():
+def test_the_shipped_network_reproduces_its_card(optimized_xla):
     """Every member trained on the training split only; on the card's validation images the
     ensemble scores what the card says."""
     from jaxdnn.data import load_mnist
