@@ -2,19 +2,18 @@
 
     python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...]] [--split test]
         [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--starts K]
-        [--rounds R] [--temperature T] [--blend B] [--seed 0] [--batch-size 100] [--out DIR] [--json]
+        [--rounds R] [--temperature T] [--seed 0] [--batch-size 100] [--out DIR] [--json]
 
 Fills the missing pixels of images START..STOP-1 of the split with any of the methods of
-`jaxdnn.inpainting` (latent space: `latent`, the default, which starts its searches from the
-training images nearest to a learned conditional mean's fill and blends their weighted mean with
-that fill (with `--blend 1`, the flow alone, from those nearest on the observed pixels), and
-`latent_map`; pixel space: `pgd`, the course's 300 plain steps of 1e-3
-from missing pixels at 1, `annealed`, `langevin`). Reports, over the missing pixels only, the
-mean PSNR (peak 1), the mean MSE, the mean bits/dim of the inpainted images and the plausibility
-classifier's accuracy, beside baselines computed in the same run (mean_fill, nearest_neighbor,
-knn_mean of 10, and for `latent` the matched knn_matched, the conditional-mean network alone,
-and start) with paired differences (mean and standard error). Writes one figure per mask,
-DIR/inpaint_<model>_<mask>.png: rows original, observed, one per method, knn_mean.
+`jaxdnn.inpainting` (latent space: `latent`, the default, the weighted mean of searches
+from the training images nearest on the observed pixels, and `latent_map`; pixel space: `pgd`,
+the course's 300 plain steps of 1e-3 from missing pixels at 1, `annealed`, `langevin`).
+Reports, over the missing pixels only, the mean PSNR (peak 1), the mean MSE, the mean bits/dim
+of the inpainted images and the plausibility classifier's accuracy, beside baselines computed
+in the same run (mean_fill, nearest_neighbor, knn_mean of 10, and for `latent` the matched
+knn_matched, the supervised conditional-mean network, and start) with paired differences (mean
+and standard error). Writes one figure per mask, DIR/inpaint_<model>_<mask>.png: rows original,
+observed, one per method, knn_mean.
 """
 
 from __future__ import annotations
@@ -130,10 +129,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None,
                    help=f"latent: T of the searches' weights softmax(-E / T), inf for equal weights "
                         f"(default {ip.LATENT_DEFAULTS['temperature']:g})")
-    p.add_argument("--blend", type=float, default=None,
-                   help=f"latent: weight of the flow's estimate against the conditional-mean network's, 1 for "
-                        f"the flow alone "
-                        f"(default {ip.LATENT_DEFAULTS['blend']:g})")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     p.add_argument("--batch-size", type=int, default=100,
                    help="images per vmapped call (default 100)")
@@ -146,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.steps is not None and a.steps < 0:
         p.error(f"--steps must be >= 0, got {a.steps}")
     if latent_options(a) and a.method != ["latent"]:
-        p.error("--starts, --rounds, --temperature and --blend set the latent method: use them with --method "
+        p.error("--starts, --rounds and --temperature set the latent method: use them with --method "
                 "latent alone")
     for method in a.method:
         try:
@@ -168,9 +163,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def latent_options(a: argparse.Namespace) -> dict:
-    """--starts, --rounds, --temperature and --blend as `inpaint` options (only those given)."""
-    return {k: v for k, v in (("starts", a.starts), ("rounds", a.rounds), ("temperature", a.temperature),
-                              ("blend", a.blend)) if v is not None}
+    """--starts, --rounds and --temperature as `inpaint` options (only those given)."""
+    return {k: v for k, v in (("starts", a.starts), ("rounds", a.rounds), ("temperature", a.temperature))
+            if v is not None}
 
 
 def settings(a: argparse.Namespace, method: str) -> dict:

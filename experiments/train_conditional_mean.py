@@ -1,4 +1,4 @@
-"""Train the conditional-mean network (`jaxdnn.inpainting.regression`) and score it on validation:
+"""Train the conditional-mean network (`jaxdnn.conditional_mean`) and score it on validation:
 
     python -m experiments.train_conditional_mean [--steps 20000] [--seed 1] [--named ROWS]
         [--objective mse|psnr] [--lr 1e-3] [--trainable all|refiner] [--refiner CHANNELS] [--init-seed N]
@@ -12,9 +12,9 @@ images) and every named mask, the network's PSNR over the missing pixels beside 
 32 training images nearest on the observed pixels (paired difference, mean and standard error).
 Writes DIR/conditional_mean.msgpack (float32: `--init-from` continues from it bit for bit, with a
 fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship MEMBER` also writes the float16
-copy into the package as that member of the shipped ensemble (`regression.member_file`; 1 if no
+copy into the package as that member of the shipped ensemble (`conditional_mean.member_file`; 1 if no
 number follows) and the ensemble's card (every member's stage; the ensemble's validation scores,
-what `regression.predict` gives). The shipped ensemble's first member:
+what `conditional_mean.predict` gives). The shipped ensemble's first member:
 `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
 `--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
 --named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 3000 --seed 8
@@ -120,15 +120,16 @@ def main(argv=None) -> int:
     import jax
     from tqdm import tqdm
 
+    from jaxdnn import conditional_mean
     from jaxdnn.data import FetchError, load_mnist, to_unit_interval
-    from jaxdnn.inpainting import MASKS, batch_masks, knn_mean, masked_psnr, regression
+    from jaxdnn.inpainting import MASKS, batch_masks, knn_mean, masked_psnr
 
     try:
         train_x = to_unit_interval(load_mnist("train")[0])
         val_x = to_unit_interval(load_mnist("validation")[0][slice(*a.val_images)])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
-    shipped = len(regression.card()["members"]) if regression.CARD.is_file() else 0
+    shipped = len(conditional_mean.card()["members"]) if conditional_mean.CARD.is_file() else 0
     if a.ship is not None and a.ship > shipped + 1:
         fail(PROG, f"--ship {a.ship}: the shipped ensemble has {shipped} member(s); ship {shipped + 1} next")
     if a.weight is not None and a.weight < 1 and max(shipped, a.ship) == 1:
@@ -136,12 +137,12 @@ def main(argv=None) -> int:
     init = None
     if a.init_from is not None:
         try:
-            init = regression.load(a.init_from, a.refiner)
+            init = conditional_mean.load(a.init_from, a.refiner)
         except (ValueError, OSError) as e:
             fail(PROG, f"--init-from {a.init_from}: cannot read these weights ({e})")
     if a.refiner_from is not None:
         try:
-            refiner = regression.load(a.refiner_from)["params"]["refiner"]
+            refiner = conditional_mean.load(a.refiner_from)["params"]["refiner"]
         except (ValueError, OSError) as e:
             fail(PROG, f"--refiner-from {a.refiner_from}: cannot read these weights ({e})")
         except KeyError:
@@ -149,15 +150,16 @@ def main(argv=None) -> int:
         if "refiner" not in init["params"]:
             fail(PROG, f"--refiner-from: --init-from {a.init_from} is a network without a refiner")
         init = {"params": {**init["params"], "refiner": refiner}}
-    default = regression.ConditionalMeanNet()
+    default = conditional_mean.ConditionalMeanNet()
     dropout = default.dropout if a.dropout is None else a.dropout
     if init is not None:
-        model = regression.model_of(init, dropout)
+        model = conditional_mean.model_of(init, dropout)
     elif a.unet is not None:
-        model = regression.UNetMeanNet(channels=a.unet, width=a.width or regression.UNetMeanNet.width, dropout=dropout)
+        model = conditional_mean.UNetMeanNet(channels=a.unet, width=a.width or conditional_mean.UNetMeanNet.width,
+                                             dropout=dropout)
     else:
         model = default.clone(width=a.width or default.width, depth=a.depth or default.depth, dropout=dropout,
-                              refiner=regression.REFINER if a.refiner is None else a.refiner)
+                              refiner=conditional_mean.REFINER if a.refiner is None else a.refiner)
     bar = tqdm(total=a.steps, dynamic_ncols=True, mininterval=5, desc="conditional mean")
 
     def progress(step, loss, params):
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     try:
-        params = regression.train(train_x, a.steps, a.seed, init, init_seed=a.init_seed, lr=a.lr, warmup=a.warmup,
+        params = conditional_mean.train(train_x, a.steps, a.seed, init, init_seed=a.init_seed, lr=a.lr, warmup=a.warmup,
                                   named=a.named, objective=a.objective, trainable=a.trainable, model=model,
                                   callback=progress)
     except ValueError as e:
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
         weights), beside knn."""
         scores = {}
         for mask, m in masks.items():
-            net = np.asarray(masked_psnr(regression.predict(val_x, m, params, weights), val_x, m), np.float64)
+            net = np.asarray(masked_psnr(conditional_mean.predict(val_x, m, params, weights), val_x, m), np.float64)
             d = net - knn[mask]
             scores[mask] = {"psnr": round(float(net.mean()), 3),
                             f"knn_mean_{NEIGHBOURS}": round(float(knn[mask].mean()), 3),
@@ -204,8 +206,8 @@ def main(argv=None) -> int:
     for key, path in (("init_from", a.init_from), ("refiner_from", a.refiner_from)):
         if path is not None:
             stage[key] = {"path": path, "sha256": sha256(path)}
-    card = {"model": regression.describe(model),
-            "trained_on": "training images 0..54999 under random masks (regression.random_masks; "
+    card = {"model": conditional_mean.describe(model),
+            "trained_on": "training images 0..54999 under random masks (conditional_mean.random_masks; "
                           f"this stage: {a.named} of 256 rows the named masks)",
             "stage": stage, "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
             "validation": validation(params)}
@@ -225,24 +227,24 @@ def ship(member: int, params, card: dict, validation, weight: float | None = Non
     ensemble's card: every member's card (this one's replaced or appended) with its weight in the
     mean (this one's `weight`, the others keeping their proportions; None: its weight before, or
     1/N for a new member of N) and the validation scores of all of them together, read back as
-    `regression.predict` reads them."""
-    from jaxdnn.inpainting import regression
+    `conditional_mean.predict` reads them."""
+    from jaxdnn import conditional_mean
 
-    members = regression.card()["members"] if regression.CARD.is_file() else []
-    before = list(regression.member_weights()) if members else []
+    members = conditional_mean.card()["members"] if conditional_mean.CARD.is_file() else []
+    before = list(conditional_mean.member_weights()) if members else []
     if weight is None:
         weight = before[member - 1] if member <= len(before) else 1 / (len(before) + 1)
     others = before[:member - 1] + before[member:]
     weights = [w * (1 - weight) / sum(others) for w in others] if others else []
     weights.insert(member - 1, 1.0 if not others else weight)
-    path = regression.member_file(member)
-    atomic_write_bytes(path, regression.to_bytes(params))
+    path = conditional_mean.member_file(member)
+    atomic_write_bytes(path, conditional_mean.to_bytes(params))
     members = [*members[:member - 1], {"file": path.name, **card}, *members[member:]]
     members = [{**m, "weight": w} for m, w in zip(members, weights, strict=True)]
     ensemble = {"model": f"an ensemble of {len(members)} networks, the weighted mean of their estimates",
                 "members": members,
-                "validation": validation([regression.load(path.parent / m["file"]) for m in members], weights)}
-    atomic_write_bytes(regression.CARD, json.dumps(ensemble, indent=2).encode())
+                "validation": validation([conditional_mean.load(path.parent / m["file"]) for m in members], weights)}
+    atomic_write_bytes(conditional_mean.CARD, json.dumps(ensemble, indent=2).encode())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""The conditional-mean network (`jaxdnn.inpainting.regression`) and `latent`'s blend with it:
-its training masks, training that is deterministic (and, by the CLI, continues from given weights), fills that
-keep the observed pixels, the shipped weights against their card, the blend as the exact mix of
-the flow's estimate and the network's, and the training command line."""
+"""The conditional-mean network (`jaxdnn.conditional_mean`): its training masks, training that is
+deterministic (and, by the CLI, continues from given weights), fills that keep the observed pixels,
+the shipped weights against their card, and the training command line."""
 
 import json
 
@@ -12,12 +11,11 @@ import pytest
 from flax import serialization
 
 from experiments import train_conditional_mean as cli
+from jaxdnn import conditional_mean as cm
 from jaxdnn import inpainting as ip
 from jaxdnn.data import to_unit_interval
-from jaxdnn.inpainting import regression
-from jaxdnn.inpainting.latent import as_flow
 
-TINY = regression.ConditionalMeanNet(width=16, depth=1, dropout=0.0, refiner=0)  # the dense core alone: fast
+TINY = cm.ConditionalMeanNet(width=16, depth=1, dropout=0.0, refiner=0)  # the dense core alone: fast
 REFINED = TINY.clone(refiner=2)
 
 
@@ -28,8 +26,8 @@ def one_pattern(n: int) -> np.ndarray:
 
 
 def test_random_masks_take_turns_over_three_families():
-    masks = np.asarray(regression.random_masks(jax.random.key(0), 300)).reshape(300, 28, 28)
-    np.testing.assert_array_equal(masks, np.asarray(regression.random_masks(jax.random.key(0), 300)).reshape(
+    masks = np.asarray(cm.random_masks(jax.random.key(0), 300)).reshape(300, 28, 28)
+    np.testing.assert_array_equal(masks, np.asarray(cm.random_masks(jax.random.key(0), 300)).reshape(
         300, 28, 28))
     missing = ~masks
     for box in missing[0::3]:  # one rectangle of sides 4..28
@@ -44,7 +42,7 @@ def test_random_masks_take_turns_over_three_families():
         assert line[0] or line[-1]
     fractions = missing[2::3].mean((1, 2))  # scattered pixels at one rate per image
     assert fractions.min() > 0.05 and fractions.max() < 0.95 and np.ptp(fractions) > 0.4
-    named = np.asarray(regression.random_masks(jax.random.key(0), 300, named=14)).reshape(300, 28, 28, 1)
+    named = np.asarray(cm.random_masks(jax.random.key(0), 300, named=14)).reshape(300, 28, 28, 1)
     np.testing.assert_array_equal(named[14:, ..., 0], masks[14:])  # the other rows as before
     for i in range(14):  # the named masks in turn; random50 exactly half, drawn afresh
         name = ip.MASKS[i % len(ip.MASKS)]
@@ -54,155 +52,155 @@ def test_random_masks_take_turns_over_three_families():
             np.testing.assert_array_equal(named[i], ip.make_mask(name))
     assert (named[5] != named[11]).any()
     with pytest.raises(ValueError, match="named"):
-        regression.random_masks(jax.random.key(0), 4, named=5)
+        cm.random_masks(jax.random.key(0), 4, named=5)
 
 
 def test_training_is_deterministic_and_learns():
     images = one_pattern(64)
     losses = []
-    params = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5,
+    params = cm.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5,
                               callback=lambda step, loss, p: losses.append(float(loss)))
     assert len(losses) == 120 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
-    again = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5)
+    again = cm.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5)
     jax.tree.map(np.testing.assert_array_equal, params, again)  # continuing from params: the CLI test
-    other = regression.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5, init_seed=1)
+    other = cm.train(images, 120, seed=3, model=TINY, lr=1e-2, warmup=5, init_seed=1)
     assert not np.allclose(jax.tree.leaves(other)[0], jax.tree.leaves(params)[0])  # its own initialization
     with pytest.raises(ValueError, match="above warmup"):
-        regression.train(images, 5, model=TINY, warmup=5)
+        cm.train(images, 5, model=TINY, warmup=5)
 
 
 def test_the_refiner_starts_at_zero_and_trains_alone_on_request():
     """A fresh refiner adds nothing (its last convolution is zero): the estimates are the dense
     core's alone; trainable="refiner" moves the refiner's weights and leaves the core's bit for bit."""
     x = jnp.asarray(one_pattern(4).reshape(4, 784))
-    m = regression.random_masks(jax.random.key(1), 4)
+    m = cm.random_masks(jax.random.key(1), 4)
     params = REFINED.init(jax.random.key(0), x, m)
     core_params = {"params": {k: v for k, v in params["params"].items() if k != "refiner"}}
     np.testing.assert_array_equal(REFINED.apply(params, x, m), TINY.apply(core_params, x, m))
-    after = regression.train(one_pattern(64), 6, seed=2, params=params, model=REFINED, lr=1e-2, warmup=1,
+    after = cm.train(one_pattern(64), 6, seed=2, params=params, model=REFINED, lr=1e-2, warmup=1,
                              batch_size=8, trainable="refiner")
     jax.tree.map(np.testing.assert_array_equal, core_params["params"],
                  {k: v for k, v in after["params"].items() if k != "refiner"})
     assert not np.array_equal(after["params"]["refiner"]["Conv_5"]["kernel"], 0)
     with pytest.raises(ValueError, match="trainable must be one of"):
-        regression.train(one_pattern(8), 2, model=REFINED, warmup=1, trainable="core")
+        cm.train(one_pattern(8), 2, model=REFINED, warmup=1, trainable="core")
     with pytest.raises(ValueError, match="needs a model with a refiner"):
-        regression.train(one_pattern(8), 2, model=TINY, warmup=1, trainable="refiner")
+        cm.train(one_pattern(8), 2, model=TINY, warmup=1, trainable="refiner")
 
 
 def test_weights_of_the_core_alone_load_with_a_zero_refiner(tmp_path):
     """Files written before the refiner (the dense core's weights only) load and estimate as before."""
-    core = regression.ConditionalMeanNet(refiner=0)
-    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), regression.random_masks(jax.random.key(2), 2)
+    core = cm.ConditionalMeanNet(refiner=0)
+    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), cm.random_masks(jax.random.key(2), 2)
     params = core.init(jax.random.key(4), x, m)
     path = tmp_path / "core.msgpack"
-    path.write_bytes(regression.to_bytes(params))
-    loaded = regression.load(str(path))
+    path.write_bytes(cm.to_bytes(params))
+    loaded = cm.load(str(path))
     assert set(loaded["params"]) == set(params["params"]) | {"refiner"}
     core16 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float16), jnp.float32), params)
-    np.testing.assert_allclose(regression.ConditionalMeanNet().apply(loaded, x, m), core.apply(core16, x, m),
+    np.testing.assert_allclose(cm.ConditionalMeanNet().apply(loaded, x, m), core.apply(core16, x, m),
                                rtol=1e-6, atol=1e-6)
 
 
 def test_the_refiner_width_is_read_from_the_weights(tmp_path):
     """A refiner of any width loads as it was trained (`model_of` reads its channels); a core alone
     takes a zero refiner of the width asked for; a width that does not match the file is refused."""
-    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), regression.random_masks(jax.random.key(2), 2)
-    wide = regression.ConditionalMeanNet(refiner=8)
+    x, m = jnp.asarray(one_pattern(2).reshape(2, 784)), cm.random_masks(jax.random.key(2), 2)
+    wide = cm.ConditionalMeanNet(refiner=8)
     params = wide.init(jax.random.key(4), x, m)
     params = jax.tree.map(lambda a: a + 0.01, params)  # a refiner that adds something
     path = tmp_path / "wide.msgpack"
-    path.write_bytes(regression.to_bytes(params))
-    loaded = regression.load(str(path))
-    assert regression.model_of(loaded) == wide
-    np.testing.assert_allclose(regression.predict(one_pattern(2), m.reshape(2, 28, 28, 1), loaded),
-                               regression.predict(one_pattern(2), m.reshape(2, 28, 28, 1),
-                                                  regression.load(str(path), 8)))
+    path.write_bytes(cm.to_bytes(params))
+    loaded = cm.load(str(path))
+    assert cm.model_of(loaded) == wide
+    np.testing.assert_allclose(cm.predict(one_pattern(2), m.reshape(2, 28, 28, 1), loaded),
+                               cm.predict(one_pattern(2), m.reshape(2, 28, 28, 1),
+                                                  cm.load(str(path), 8)))
     with pytest.raises(ValueError, match="8 channels, not 16"):
-        regression.load(str(path), 16)
+        cm.load(str(path), 16)
     with pytest.raises(ValueError, match="positive"):
-        regression.load(str(path), 0)
+        cm.load(str(path), 0)
     core = {"params": {k: v for k, v in params["params"].items() if k != "refiner"}}
-    path.write_bytes(regression.to_bytes(core))
-    assert regression.model_of(regression.load(str(path), 4)).refiner == 4
-    assert regression.model_of(regression.load(str(path))).refiner == regression.REFINER
-    assert regression.model_of(core).refiner == 0
+    path.write_bytes(cm.to_bytes(core))
+    assert cm.model_of(cm.load(str(path), 4)).refiner == 4
+    assert cm.model_of(cm.load(str(path))).refiner == cm.REFINER
+    assert cm.model_of(core).refiner == 0
 
 
 def test_the_core_shape_is_read_from_the_weights(tmp_path):
     """`model_of` reads a core's width and depth from its weights, so members of other shapes load
     and predict as they were trained; dropout leaves no weights and is whatever is asked."""
     x = jnp.zeros((1, 784))
-    for net in (TINY, TINY.clone(width=24, depth=2, refiner=3), regression.ConditionalMeanNet(depth=4, refiner=0)):
+    for net in (TINY, TINY.clone(width=24, depth=2, refiner=3), cm.ConditionalMeanNet(depth=4, refiner=0)):
         params = net.init(jax.random.key(1), x, jnp.ones((1, 784), bool))
-        assert regression.model_of(params, net.dropout) == net
-        assert regression.model_of(params, 0.3).dropout == 0.3
+        assert cm.model_of(params, net.dropout) == net
+        assert cm.model_of(params, 0.3).dropout == 0.3
     path = tmp_path / "deep.msgpack"
-    path.write_bytes(regression.to_bytes(params))
-    assert regression.model_of(regression.load(path)) == net.clone(refiner=regression.REFINER)
+    path.write_bytes(cm.to_bytes(params))
+    assert cm.model_of(cm.load(path)) == net.clone(refiner=cm.REFINER)
 
 
 def test_a_unet_member_loads_as_trained_and_joins_an_ensemble(tmp_path):
     """A UNetMeanNet's channels and bottleneck are read from its weights; it loads with no refiner
     added (a refiner asked of it is refused), predicts as trained through float16, and averages with
     a dense member (the CLI's test trains one)."""
-    net = regression.UNetMeanNet(channels=4, width=8, dropout=0.0)
+    net = cm.UNetMeanNet(channels=4, width=8, dropout=0.0)
     x = jnp.asarray(one_pattern(2)).reshape(2, 784)
     m = jnp.stack([ip.make_mask("top_half"), ip.make_mask("center")]).reshape(2, 784)
     params = net.init(jax.random.key(1), x, m)
-    assert regression.model_of(params, 0.0) == net and "refiner" not in params["params"]
-    assert "UNetMeanNet (convolutions of 4, 8 and 16 channels" in regression.describe(net)
+    assert cm.model_of(params, 0.0) == net and "refiner" not in params["params"]
+    assert "UNetMeanNet (convolutions of 4, 8 and 16 channels" in cm.describe(net)
     path = tmp_path / "unet.msgpack"
-    path.write_bytes(regression.to_bytes(params))
-    loaded = regression.load(path)
+    path.write_bytes(cm.to_bytes(params))
+    loaded = cm.load(path)
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     np.testing.assert_allclose(net.apply(loaded, x, m), net.apply(params, x, m), atol=2e-3)
     with pytest.raises(ValueError, match="has no refiner"):
-        regression.load(path, 4)
+        cm.load(path, 4)
     dense = TINY.init(jax.random.key(2), x, m)
     images, masks = x.reshape(2, 28, 28, 1), m.reshape(2, 28, 28, 1)
-    both = [np.asarray(regression.predict(images, masks, p)) for p in (dense, params)]
-    np.testing.assert_allclose(regression.predict(images, masks, [dense, params]), (both[0] + both[1]) / 2, atol=1e-6)
+    both = [np.asarray(cm.predict(images, masks, p)) for p in (dense, params)]
+    np.testing.assert_allclose(cm.predict(images, masks, [dense, params]), (both[0] + both[1]) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="needs a model with a refiner"):
-        regression.train(np.asarray(images), 2, model=net, warmup=1, trainable="refiner")
+        cm.train(np.asarray(images), 2, model=net, warmup=1, trainable="refiner")
 
 
-@pytest.mark.parametrize("objective", regression.OBJECTIVES)
+@pytest.mark.parametrize("objective", cm.OBJECTIVES)
 def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
     images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)
     first = []
-    regression.train(images, 2, seed=5, model=TINY, warmup=1, batch_size=8, objective=objective,
+    cm.train(images, 2, seed=5, model=TINY, warmup=1, batch_size=8, objective=objective,
                      callback=lambda step, loss, p: first.append(float(loss)) if step == 1 else None)
     # step 1 by hand: its batch, masks and (no) dropout from fold_in(key(5), 1), the initial weights
     k_batch, k_mask, _ = jax.random.split(jax.random.fold_in(jax.random.key(5), 1), 3)
     x = images[np.asarray(jax.random.randint(k_batch, (8,), 0, 40))]
-    m = np.asarray(regression.random_masks(k_mask, 8)).reshape(x.shape)
+    m = np.asarray(cm.random_masks(k_mask, 8)).reshape(x.shape)
     flat = jnp.asarray(x).reshape(8, -1)
     params = TINY.init(jax.random.key(0), flat[:2], jnp.ones((2, 784), bool))
     fill = np.asarray(TINY.apply(params, flat, jnp.asarray(m).reshape(8, -1))).reshape(x.shape)
     squared = ((fill - x) ** 2 * ~m).astype(np.float64)
     expected = (squared.sum() / (~m).sum() if objective == "mse" else
                 np.mean(np.log(np.asarray(ip.masked_mse(jnp.asarray(fill), jnp.asarray(x), m), np.float64)
-                               + regression.PSNR_EPS)))
+                               + cm.PSNR_EPS)))
     np.testing.assert_allclose(first[0], expected, rtol=1e-5)
     with pytest.raises(ValueError, match="objective"):
-        regression.train(images, 2, model=TINY, warmup=1, objective="l1")
+        cm.train(images, 2, model=TINY, warmup=1, objective="l1")
 
 
 def test_weights_round_trip_through_float16(tmp_path):
     params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path = tmp_path / "w.msgpack"
-    path.write_bytes(regression.to_bytes(params))
-    assert regression.model_of(regression.load(path)) == TINY.clone(dropout=0.1, refiner=regression.REFINER)
+    path.write_bytes(cm.to_bytes(params))
+    assert cm.model_of(cm.load(path)) == TINY.clone(dropout=0.1, refiner=cm.REFINER)
     wrong = {"params": {"Dense_0": {"kernel": np.zeros((10, 16), np.float32), "bias": np.zeros(16, np.float32)},
                         "Dense_1": {"kernel": np.zeros((16, 784), np.float32), "bias": np.zeros(784, np.float32)}}}
-    path.write_bytes(regression.to_bytes(wrong))  # a dense core that does not read (image, mask) pairs
+    path.write_bytes(cm.to_bytes(wrong))  # a dense core that does not read (image, mask) pairs
     with pytest.raises(ValueError, match="not of the shipped network's shapes"):
-        regression.load(str(path))
-    full = regression.ConditionalMeanNet()
+        cm.load(str(path))
+    full = cm.ConditionalMeanNet()
     params = full.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
-    path.write_bytes(regression.to_bytes(params))
-    back = regression.load(str(path))
+    path.write_bytes(cm.to_bytes(params))
+    back = cm.load(str(path))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
         assert b.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
@@ -211,13 +209,13 @@ def test_weights_round_trip_through_float16(tmp_path):
 def test_predict_keeps_the_observed_pixels_and_checks_its_input():
     x = jnp.asarray(to_unit_interval(np.random.default_rng(0).integers(0, 256, (3, 28, 28), np.uint8)))
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
-    out = regression.predict(x, masks)
+    out = cm.predict(x, masks)
     obs = np.asarray(masks)
     np.testing.assert_array_equal(np.asarray(out)[obs], np.asarray(x)[obs])
     assert np.all((np.asarray(out) >= 0) & (np.asarray(out) <= 1)) and not np.allclose(out, x)
-    np.testing.assert_allclose(regression.predict(x[1], masks[1]), out[1], atol=1e-6)
+    np.testing.assert_allclose(cm.predict(x[1], masks[1]), out[1], atol=1e-6)
     with pytest.raises(ValueError, match="MNIST images"):
-        regression.predict(x[:, :14, :14], masks[:, :14, :14])
+        cm.predict(x[:, :14, :14], masks[:, :14, :14])
 
 
 @pytest.mark.mnist
@@ -226,61 +224,14 @@ def test_the_shipped_network_reproduces_its_card(optimized_xla):
     ensemble scores what the card says."""
     from jaxdnn.data import load_mnist
 
-    card = regression.card()
+    card = cm.card()
     assert all(m["trained_on"].startswith("training images 0..54999") for m in card["members"])
     lo, hi = map(int, card["validation"]["images"].split(":"))
     x = to_unit_interval(load_mnist("validation")[0][lo:hi])
     for mask, score in card["validation"]["scores"].items():
         masks = ip.batch_masks(mask, np.arange(lo, hi), jax.random.split(jax.random.key(0))[0])
-        psnr = float(np.mean(np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64)))
+        psnr = float(np.mean(np.asarray(ip.masked_psnr(cm.predict(x, masks), x, masks), np.float64)))
         assert psnr == pytest.approx(score["psnr"], abs=1e-3), mask  # float16 weights: 3e-5 dB measured
-
-
-def test_blend_mixes_the_flow_estimate_with_the_network():
-    """latent at blend b < 1 is b * (the searches guided by the network's fill) + (1 - b) * that fill
-    on the missing pixels; at b = 1 the flow alone from the neighbours on the
-    observed pixels; blend < 1 needs MNIST-shaped images; the posterior is the flow's alone."""
-    from jaxdnn.inpainting import latent
-    from tests.test_inpainting import flow_images, tiny_flow
-
-    model, params = tiny_flow()
-    flow, x, mask = as_flow(model, params), flow_images()[:2], ip.make_mask("center")
-    reference = jnp.asarray(to_unit_interval(np.random.default_rng(6).integers(0, 256, (8, 28, 28), np.uint8)))
-    run = lambda b: ip.inpaint(flow, x, mask, None, method="latent", steps=3, starts=2, reference=reference, blend=b)
-    masks, net = jnp.broadcast_to(mask, x.shape), regression.predict(x, mask)
-    hyper = {k: jnp.float32(v) for k, v in ip.check_options("latent").items() if k not in ("starts", "rounds")}
-    searches = lambda guide: latent.latent(flow, x, masks, jax.random.split(jax.random.key(0), 2), hyper, 3, 2,
-                                           reference, guide=guide)[0]
-    np.testing.assert_allclose(run(1.0), searches(None), atol=1e-6)
-    guided = searches(net)
-    assert np.abs(np.asarray(guided - searches(None))).max() > 1e-3  # other starts
-    np.testing.assert_allclose(run(0.3), jnp.where(mask, x, 0.3 * guided + 0.7 * net), atol=1e-6)
-    np.testing.assert_allclose(run(0.0), net, atol=1e-6)
-    with pytest.raises(ValueError, match=r"blend must lie in \[0, 1\]"):
-        run(1.5)
-    with pytest.raises(ValueError, match="blend=1"):
-        ip.inpaint(flow, x[:, :8, :8], mask[:8, :8], None, method="latent", steps=0, starts=2,
-                   reference=reference[:, :8, :8], blend=0.5)
-    with pytest.raises(ValueError, match="flow's alone"):
-        ip.inpaint_posterior(flow, x, mask, reference=reference, starts=2, blend=0.5)
-
-
-def test_guide_starts_the_searches_from_its_nearest_reference_images():
-    """With a guide, search k starts from the reference image k-th nearest to the guide on every
-    pixel: guides equal to reference images 5 and 2, one start, no steps, give those images back."""
-    from jaxdnn.inpainting import latent
-    from tests.test_inpainting import flow_images, tiny_flow
-
-    model, params = tiny_flow()
-    flow, x, mask = as_flow(model, params), flow_images()[:2], ip.make_mask("center")
-    reference = jnp.asarray(to_unit_interval(np.random.default_rng(6).integers(0, 256, (8, 28, 28), np.uint8)))
-    reference = reference.reshape(8, 28, 28, 1)
-    hyper = {k: jnp.float32(v) for k, v in ip.check_options("latent").items() if k not in ("starts", "rounds")}
-    masks = jnp.broadcast_to(mask, x.shape)
-    found = latent.candidates(flow, x, masks, None, hyper, 0, 1, reference, guide=reference[jnp.array([5, 2])])
-    missing = ~np.asarray(masks)
-    want = np.asarray(reference[jnp.array([5, 2])])
-    np.testing.assert_allclose(np.asarray(found.fills[:, 0])[missing], want[missing], atol=2e-3)
 
 
 def fake_mnist(split):
@@ -322,7 +273,7 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
     monkeypatch.setattr(cli, "NEIGHBOURS", 4)
     start = tmp_path / "start.msgpack"
-    start.write_bytes(regression.to_bytes(regression.ConditionalMeanNet().init(
+    start.write_bytes(cm.to_bytes(cm.ConditionalMeanNet().init(
         jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
     out = tmp_path / "out"
     assert cli.main(["--steps", "3", "--warmup", "1", "--val-images", "0:20", "--init-from", str(start),
@@ -335,8 +286,8 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
         assert np.isfinite(score["psnr"]) and score["paired"]["mean"] == pytest.approx(
             score["psnr"] - score["knn_mean_4"], abs=2e-3)
     assert json.loads((out / "conditional_mean.json").read_text()) == card
-    trained = regression.load(str(out / "conditional_mean.msgpack"))
-    assert not np.allclose(jax.tree.leaves(trained)[0], jax.tree.leaves(regression.load(str(start)))[0])
+    trained = cm.load(str(out / "conditional_mean.msgpack"))
+    assert not np.allclose(jax.tree.leaves(trained)[0], jax.tree.leaves(cm.load(str(start)))[0])
 
 
 def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsys):
@@ -353,7 +304,7 @@ def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsy
     assert "width 24, depth 2, dropout 0.2; refiner: 0 channels" in card["model"]
     assert card["stage"]["init_seed"] == 5
     params = serialization.msgpack_restore((out / "conditional_mean.msgpack").read_bytes())
-    assert regression.model_of(params, 0.2) == regression.ConditionalMeanNet(width=24, depth=2, dropout=0.2,
+    assert cm.model_of(params, 0.2) == cm.ConditionalMeanNet(width=24, depth=2, dropout=0.2,
                                                                               refiner=0)
 
 
@@ -370,7 +321,7 @@ def test_cli_trains_a_fresh_unet_member(monkeypatch, tmp_path, capsys):
     card = json.loads(capsys.readouterr().out)
     assert card["model"].startswith("UNetMeanNet (convolutions of 4, 8 and 16 channels")
     trained = out / "conditional_mean.msgpack"
-    assert regression.model_of(regression.load(trained)) == regression.UNetMeanNet(channels=4, width=8)
+    assert cm.model_of(cm.load(trained)) == cm.UNetMeanNet(channels=4, width=8)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--steps", "2", "--warmup", "1", "--init-from", str(trained), "--refiner-from", str(trained)])
     assert exit_.value.code == 2 and "without a refiner" in capsys.readouterr().err
@@ -384,35 +335,35 @@ def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(jaxdnn.data, "load_mnist", fake_mnist)
     monkeypatch.setattr(cli, "NEIGHBOURS", 4)
-    monkeypatch.setattr(regression, "_HERE", tmp_path)
-    monkeypatch.setattr(regression, "CARD", tmp_path / "conditional_mean.json")
+    monkeypatch.setattr(cm, "_HERE", tmp_path)
+    monkeypatch.setattr(cm, "CARD", tmp_path / "conditional_mean.json")
     start = tmp_path / "start.msgpack"
-    start.write_bytes(regression.to_bytes(regression.ConditionalMeanNet(refiner=2).init(
+    start.write_bytes(cm.to_bytes(cm.ConditionalMeanNet(refiner=2).init(
         jax.random.key(3), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
     core = tmp_path / "core.msgpack"  # another core alone, its own initialization
-    core.write_bytes(regression.to_bytes(regression.ConditionalMeanNet(refiner=0).init(
+    core.write_bytes(cm.to_bytes(cm.ConditionalMeanNet(refiner=0).init(
         jax.random.key(7), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))))
     common = ["--steps", "2", "--warmup", "1", "--val-images", "0:10", "--out", str(tmp_path / "out")]
     assert cli.main([*common, "--init-from", str(start), "--seed", "1", "--ship"]) == 0
     assert cli.main([*common, "--init-from", str(core), "--refiner-from", str(start), "--trainable", "refiner",
                      "--seed", "2", "--ship", "2"]) == 0
-    assert [m["weight"] for m in regression.card()["members"]] == [0.5, 0.5]
+    assert [m["weight"] for m in cm.card()["members"]] == [0.5, 0.5]
     assert cli.main([*common, "--init-from", str(core), "--refiner-from", str(start), "--trainable", "refiner",
                      "--seed", "2", "--ship", "2", "--weight", "0.75"]) == 0  # the same member, weighed anew
     capsys.readouterr()
-    card = regression.card()
-    assert [m["weight"] for m in card["members"]] == [0.25, 0.75] == list(regression.member_weights())
+    card = cm.card()
+    assert [m["weight"] for m in card["members"]] == [0.25, 0.75] == list(cm.member_weights())
     assert [m["file"] for m in card["members"]] == ["conditional_mean.msgpack", "conditional_mean_2.msgpack"]
     assert [m["stage"]["seed"] for m in card["members"]] == [1, 2]
     assert card["members"][1]["stage"]["refiner_from"]["path"] == str(start)
-    members = regression.ensemble()
-    assert len(members) == 2 and regression.model_of(members[1]).refiner == 2  # the width of start's refiner
+    members = cm.ensemble()
+    assert len(members) == 2 and cm.model_of(members[1]).refiner == 2  # the width of start's refiner
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3),  # the core kept (float16 on disk)
                  {k: v for k, v in members[1]["params"].items() if k != "refiner"},
-                 {k: v for k, v in regression.load(str(core))["params"].items() if k != "refiner"})
+                 {k: v for k, v in cm.load(str(core))["params"].items() if k != "refiner"})
     x = to_unit_interval(fake_mnist("validation")[0][:10])
     masks = ip.batch_masks("top_half", np.arange(10), jax.random.split(jax.random.key(0))[0])
-    psnr = np.asarray(ip.masked_psnr(regression.predict(x, masks), x, masks), np.float64).mean()
+    psnr = np.asarray(ip.masked_psnr(cm.predict(x, masks), x, masks), np.float64).mean()
     assert psnr == pytest.approx(card["validation"]["scores"]["top_half"]["psnr"], abs=1e-3)
     with pytest.raises(SystemExit) as exit_:
         cli.main([*common, "--init-from", str(start), "--ship", "4"])
@@ -425,15 +376,15 @@ def test_an_ensemble_averages_its_members():
     weights that are not one non-negative number per network are refused."""
     x = jnp.asarray(one_pattern(3))
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
-    nets = [regression.ConditionalMeanNet(refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
+    nets = [cm.ConditionalMeanNet(refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
                                                          jnp.ones((1, 784), bool)) for r in (2, 4)]
     nets[0] = jax.tree.map(lambda a: a + 0.01, nets[0])  # a refiner that adds something
-    one = [np.asarray(regression.predict(x, masks, p)) for p in nets]
-    np.testing.assert_allclose(regression.predict(x, masks, nets), (one[0] + one[1]) / 2, atol=1e-6)
-    np.testing.assert_array_equal(regression.predict(x, masks, nets[:1]), one[0])
-    np.testing.assert_allclose(regression.predict(x, masks, nets, (1, 3)), (one[0] + 3 * one[1]) / 4, atol=1e-6)
+    one = [np.asarray(cm.predict(x, masks, p)) for p in nets]
+    np.testing.assert_allclose(cm.predict(x, masks, nets), (one[0] + one[1]) / 2, atol=1e-6)
+    np.testing.assert_array_equal(cm.predict(x, masks, nets[:1]), one[0])
+    np.testing.assert_allclose(cm.predict(x, masks, nets, (1, 3)), (one[0] + 3 * one[1]) / 4, atol=1e-6)
     with pytest.raises(ValueError, match="empty"):
-        regression.predict(x, masks, [])
+        cm.predict(x, masks, [])
     for bad in ((1,), (1, -1), (0, 0), (1, np.nan)):
         with pytest.raises(ValueError, match="one non-negative number per network"):
-            regression.predict(x, masks, nets, bad)
+            cm.predict(x, masks, nets, bad)

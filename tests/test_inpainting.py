@@ -28,7 +28,7 @@ from jaxdnn.flows.distribution import FlowDistribution
 
 TINY_FLOW = ("glow", {"levels_count": 1, "steps_per_level": 1, "hidden": 4})
 FLOW_STEPS = 20
-FLOW_OPTIONS = {"latent": {"starts": 2, "blend": 1.0}}  # fewer searches than the default 32, the flow alone
+FLOW_OPTIONS = {"latent": {"starts": 2}}  # fewer searches than the default 32
 N_FLOW = 3
 MISSING = {"hw10": 105, "top_half": 392, "bottom_half": 392, "left_half": 392, "center": 196,
            "random50": 392}
@@ -270,7 +270,7 @@ def test_latent_methods_reach_the_linear_gaussian_posterior(method, key):
     masks = rng.random((2, *LIN_SHAPE)) < 0.5
     s = 0.1
     out = ip.inpaint(flow, images, masks, key, method=method, steps=400, noise_std=s,
-                     **({"starts": 3, "blend": 1.0} if method == "latent" else {}))
+                     **({"starts": 3} if method == "latent" else {}))
     for i in range(2):
         want = linear_gaussian_posterior_fill(mu, lower, images[i], masks[i], s)
         np.testing.assert_allclose(out[i], want, atol=2e-3)
@@ -288,7 +288,7 @@ def test_a_variationally_dequantized_flow_starts_where_its_dequantizer_puts_the_
     pixels = synthetic_pixels(6, 12)
     reference = jnp.asarray(to_unit_interval(pixels))
     zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference, rounds=1,
-                      temperature=np.inf, blend=1.0)
+                      temperature=np.inf)
     nearest = np.asarray(ip.nearest_training_images(x, mask, reference, 3))
     starts = jax.jit(flow.dequantize)(pixels[nearest.reshape(-1)], jax.random.key(ip.latent.START_SEED))
     want = jnp.where(mask, x, np.asarray(starts).reshape(2, 3, 28, 28, 1).mean(1))
@@ -304,7 +304,7 @@ def test_latent_starts_from_the_nearest_reference_images(flow_runs):
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
     margin = ip.latent.START_MARGIN
     zero = ip.inpaint(flow, x, mask, None, method="latent", steps=0, starts=3, reference=reference, rounds=1,
-                      temperature=np.inf, blend=1.0)  # equal weights, the flow alone
+                      temperature=np.inf)  # equal weights
     want = ip.knn_mean(x, mask, jnp.clip(reference, margin, 1 - margin), k=3)
     np.testing.assert_allclose(zero, want, atol=1e-4)
     out = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference)
@@ -324,8 +324,7 @@ def test_each_round_starts_from_the_reference_images_nearest_to_the_last_estimat
     is an error."""
     flow, x, mask = flow_runs["flow"], flow_runs["x"][:1], flow_runs["mask"]
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
-    run = functools.partial(ip.inpaint, flow, method="latent", steps=FLOW_STEPS, starts=3, return_losses=True,
-                            blend=1.0)
+    run = functools.partial(ip.inpaint, flow, method="latent", steps=FLOW_STEPS, starts=3, return_losses=True)
     sample = functools.partial(ip.inpaint_posterior, flow, steps=FLOW_STEPS, starts=3)
     first = run(x, mask, reference=reference, rounds=1)
     nearest = ip.nearest_training_images(first.images, jnp.ones_like(x, bool), reference, 3)[0]
@@ -626,10 +625,10 @@ def test_posterior_samples_weights_and_intervals(flow_runs):
     np.testing.assert_allclose(post.weights, 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(post.ess, 3.0, rtol=1e-5)
     latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
-                        temperature=np.inf, rounds=1, blend=1.0)
+                        temperature=np.inf, rounds=1)
     np.testing.assert_allclose(post.mean, latent, atol=1e-6)
     default = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
-                         rounds=1, blend=1.0)
+                         rounds=1)
     np.testing.assert_allclose(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).mean, default, atol=1e-6)
     cold = post.at_temperature(1e-3)  # all weight on the lowest energy
     best = np.asarray(post.energy).argmin(1)

@@ -11,11 +11,11 @@ families, every one ending inside the constraint set C (observed pixels bit-for-
   ``langevin`` (posterior mean of Langevin chains in logit coordinates);
 - latent space (`latent.py`): ``latent_map`` (the MAP of the flow's latents given the observed
   pixels, decoded) and ``latent`` (several such searches weighted by their posterior energies:
-  the posterior mean that PSNR rewards, blended with a learned conditional mean, `regression.py`,
-  whose fill also picks the searches' starts;
-  `inpaint_posterior` returns the searches themselves).
+  the posterior mean that PSNR rewards; `inpaint_posterior` returns the searches themselves).
 
-Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`).
+Also: masks, input checks and scores (`masks.py`), fills without a flow (`baselines.py`). The
+supervised conditional-mean network (`jaxdnn.conditional_mean`) is a baseline that `evaluate`
+scores beside the flow, never part of a flow method.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdnn.flows.distribution import FlowDistribution
-from jaxdnn.inpainting import latent, pixel, regression
+from jaxdnn.inpainting import latent, pixel
 from jaxdnn.inpainting.baselines import (
     KNN,
     knn_mean,
@@ -123,10 +123,7 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
         methods).
     reference: "latent" only: float training images (N, H, W, C) whose nearest on the observed
         pixels start the searches (recommended); None starts from scaled prior noise.
-    options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts; for
-        "latent", blend: the weight of the flow's estimate against the conditional-mean
-        network's fill; below 1 the searches also start from the reference images nearest to
-        that fill; 1 for the flow alone, needed for images other than MNIST's 28 x 28 x 1).
+    options: the other keys of `DEFAULTS[method]` (e.g. noise, chains, noise_std, starts).
 
     Returns the inpainted images (shape of `image`): observed pixels bit-for-bit those of
     `image`, all values in [0, 1]; with `return_losses=True` an `InpaintResult`. Compiled once per
@@ -173,11 +170,8 @@ def inpaint(flow: Flow | FlowDistribution | Callable[[jax.Array], jax.Array], im
     elif method == "latent_map":
         out, losses = latent.latent_map(flow, images, jnp.broadcast_to(masks, images.shape), hyper, steps)
     else:
-        masks = jnp.broadcast_to(masks, images.shape)
-        network = _network_fill(images, masks, hyper["blend"])  # None for the flow alone
-        out, losses = latent.latent(flow, images, masks, keys, hyper, steps, counts["starts"], reference,
-                                    counts["rounds"], guide=network)
-        out = out if network is None else _blend(out, images, masks, hyper["blend"], network)
+        out, losses = latent.latent(flow, images, jnp.broadcast_to(masks, images.shape), keys, hyper, steps,
+                                    counts["starts"], reference, counts["rounds"])
     if single:
         out, losses = out[0], losses[0]
     return InpaintResult(out, losses) if return_losses else out
@@ -333,8 +327,6 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     concrete = {k: float(v) for k, v in hyper.items() if not isinstance(v, jax.core.Tracer)}
     if "init" in concrete and not 0.0 <= concrete["init"] <= 1.0:
         raise ValueError(f"init must lie in [0, 1], got {hyper['init']!r}")
-    if not 0.0 <= concrete.get("blend", 1.0) <= 1.0:
-        raise ValueError(f"blend must lie in [0, 1] (1: the flow alone), got {hyper['blend']!r}")
     if not 0.0 <= concrete.get("margin", 0.0) < 0.5:
         raise ValueError(f"margin must lie in [0, 0.5), got {hyper['margin']!r}")
     if concrete.get("lr", 1.0) <= 0.0:
@@ -342,23 +334,6 @@ def _hyperparameters(method: str, lr, init, options: dict) -> tuple[dict, dict]:
     if concrete.get("noise_std", 1.0) <= 0.0:
         raise ValueError(f"noise_std must be > 0, got {hyper['noise_std']!r}")
     return hyper, counts
-
-
-def _network_fill(images, masks, blend):
-    """The conditional-mean network's fill (`regression.predict`, shipped weights) when `blend` < 1,
-    None for blend = 1 (the flow alone: any image shape)."""
-    if not isinstance(blend, jax.core.Tracer) and float(blend) == 1.0:
-        return None
-    if images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"blend < 1 mixes in the conditional-mean network, which fills MNIST images {IMAGE_SHAPE}; "
-                         f"pass blend=1 (the flow alone) for images of shape {images.shape[1:]}")
-    return regression.predict(images, masks)
-
-
-def _blend(flow_mean, images, masks, blend, network):
-    """blend * the flow's estimate + (1 - blend) * the network's fill on the missing pixels, the
-    observed ones kept. masks (B, H, W, C)."""
-    return jnp.where(masks, images, blend * flow_mean + (1.0 - blend) * network)
 
 
 def _check_method(method: str) -> None:

@@ -46,38 +46,12 @@ from jaxdnn.inpainting.chunks import run_chunks
 __all__ = ["LATENT_DEFAULTS", "LATENT_MAP_DEFAULTS", "Flow", "as_flow", "latent", "latent_energy", "posterior_weights",
            "latent_map"]
 
-# Chosen on a validation split, training images 59000..59031 (never test images), against the
-# nearest-neighbour baselines searched in training images 0..58999, with the shipped RealNVP
-# (README "Inpainting"): observation noise std s in pixel units (0.05 / 0.1 / 0.2 tried),
-# Adam step, prior weight, steps per search.
+# Observation noise std s (pixel units), Adam step and prior weight of E; for `latent` also the
+# searches per image, the std of random starts (no reference set) and the temperature T of the
+# weights softmax(-E / T). Chosen on the validation split (docs/inpainting.md, "Settings").
 LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
-# ... and for `latent`: searches per image, std of the random starts used without a reference set,
-# and the temperature T of the searches' weights softmax(-E / T) (inf: equal weights). 32 searches
-# of 15 steps (STEPS["latent"]) at T = 200, against 8 of 60 at T = 300 at the same cost, on validation
-# images with the flows shipped before (docs/inpainting.md): RealNVP (0..99) top_half 15.89 vs
-# 15.77 dB, center 12.46 vs 12.41; Glow's searches drift off after a few steps: top_half, 0..49,
-# 15.77 dB (+0.39 over the 32 neighbours' mean) against 15.45 after 20 of the 8 searches' 60 steps
-# (-0.09 over 8 neighbours) and falling. At 32 starts T = 100 and 600 lose to 200.
-# rounds > 1 (`candidates`): later rounds start from the training images nearest to the last
-# estimate on every pixel, all rounds' fills weighted together. Validation, RealNVP, two rounds of 10
-# steps against one of 15, over the 32 neighbours' mean: top_half, images 0..99, +0.82 vs +0.65 dB,
-# but on images 100..199 +0.48 vs +0.45, at a third more time (docs/inpainting.md): one round.
-# blend: the estimate is blend * (the searches' weighted mean) + (1 - blend) * the conditional-mean
-# network's fill (`regression.py`; 1: the flow alone). With the network's convolutional refiner (stages 7, 8)
-# the network alone beats the flow alone on every mask, random50 included (validation, +4.6-4.8 dB over
-# the 32 neighbours' mean against the flow's +3.0-3.4). A fixed 0.25, chosen on images 0..99 (both
-# flows, fills blended offline, docs/inpainting.md), is within 0.03 dB of the best fixed weight on every
-# flow and mask there and on images 100..199 but hw10 (0.10 / 0.07 under the network alone). The earlier
-# rule, max(0.4, the share of missing pixels beside an observed one), fitted to the dense network alone,
-# loses 1.2-1.3 dB on random50 with it. Rechecked with stage 8 (RealNVP, images 0..99): 0.25 is within
-# 0.02 dB of the best weight on the block masks and 0.05 on random50. With stage 11's ensemble (a U-Net
-# at weight 0.6; RealNVP, images 0..99) the network is better and the flow's part smaller: 0.1 has the
-# best six-mask mean of 0, 0.1, ..., 0.4 and 1 (+0.043 dB over 0.25; 0: +0.041).
-# With blend < 1 the searches start from the training images nearest to the network's fill on every pixel
-# (`candidates(guide=)`) rather than nearest on the observed pixels: validation, over the 32 neighbours'
-# mean, +0.02 to +0.16 dB on every flow and mask tried (docs/inpainting.md).
 LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 1, "init_scale": 0.7,
-                   "temperature": 200.0, "blend": 0.1}
+                   "temperature": 200.0}
 START_MARGIN = 0.5 / 256  # reference images are encoded from inside the flow's support
 
 
@@ -208,15 +182,13 @@ class Candidates(NamedTuple):
 
 
 def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None,
-               rounds: int = 1, guide=None) -> Candidates:
+               rounds: int = 1) -> Candidates:
     """All `starts` searches of every image as one batch of B * K searches (one compilation), and
     with several rounds every round's: K = rounds * starts candidates per image.
 
     reference: float training images (N, H, W, C): search k starts from the encoding of the
     k-th nearest on the observed pixels (dequantized by the flow's q if it has one); None: from
     `init_scale` * N(0, I) drawn from fold_in(keys[b], k) for image b (one round only).
-    guide: None, or estimates of the images (B, H, W, C) whose nearest reference images on every
-    pixel start the first round instead (`inpaint` passes the conditional-mean network's fill).
     rounds (with a reference): each round after the first starts from the `starts` reference
     images nearest to the weighted mean of the candidates so far on every pixel (the observed
     ones and the fill), so the flow's fill chooses the next neighbours. losses: (B, rounds * steps)."""
@@ -235,8 +207,7 @@ def candidates(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, 
         shapes = jax.eval_shape(flow.encode, images)
         return search(_prior_noise(keys, starts, tuple(s.shape[1:] for s in shapes), hyper["init_scale"]))
     every_pixel = jnp.ones_like(masks)
-    nearest = (nearest_training_images(images, masks, reference, starts) if guide is None  # (B, K)
-               else nearest_training_images(guide, every_pixel, reference, starts))
+    nearest = nearest_training_images(images, masks, reference, starts)  # (B, K)
     rounds_found = []
     for r in range(rounds):
         start = jnp.asarray(reference)[nearest.reshape(-1)]
@@ -258,12 +229,10 @@ def _weighted_mean(found: Candidates, images, masks, temperature):
     return jnp.where(masks, images, (w * found.fills).sum(1))
 
 
-def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None, rounds: int = 1,
-           guide=None):
+def latent(flow: Flow, images, masks, keys, hyper, steps: int, starts: int, reference=None, rounds: int = 1):
     """The weighted average of the rounds * `starts` searches' fills (B, H, W, C), weights
-    `posterior_weights(E, hyper["temperature"])`, and their mean E per step (B, rounds * steps);
-    guide as `candidates`."""
-    found = candidates(flow, images, masks, keys, hyper, steps, starts, reference, rounds, guide)
+    `posterior_weights(E, hyper["temperature"])`, and their mean E per step (B, rounds * steps)."""
+    found = candidates(flow, images, masks, keys, hyper, steps, starts, reference, rounds)
     return _weighted_mean(found, images, masks, hyper["temperature"]), found.losses
 
 

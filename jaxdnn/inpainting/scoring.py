@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdnn import conditional_mean
 from jaxdnn.data import bits_per_dim
-from jaxdnn.inpainting import DEFAULTS, IMAGE_SHAPE, METHODS, as_flow, inpaint, regression
+from jaxdnn.inpainting import DEFAULTS, IMAGE_SHAPE, METHODS, as_flow, inpaint
 from jaxdnn.inpainting.baselines import knn_mean, mean_fill, nearest_neighbor, pixel_mean
 from jaxdnn.inpainting.masks import batch_masks, check_images, check_mask, make_mask, masked_mse, masked_psnr
 
@@ -60,7 +61,7 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
     images, the wall time of the whole call and of the method alone (its compilation included).
     Baselines: `BASELINES`, and for "latent" the matched ones,
     "knn_matched" (knn_mean over as many neighbours as the method has starts), "conditional_mean"
-    (the network `latent` blends in, alone: what the flow adds over it) and "start" (the method at
+    (the supervised network of `jaxdnn.conditional_mean`: what the flow adds over it) and "start" (the method at
     0 steps, its own starting point). "paired": for each baseline, the mean over the
     images of (method's PSNR - baseline's PSNR) and its standard error (the spread of a paired
     difference, not of either score). arrays (NumPy): original, corrupted, inpainted, masks,
@@ -106,10 +107,10 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
     fills = {"mean_fill": mean_fill(images, masks_b, pixel_mean(train_images)),
              "nearest_neighbor": nearest_neighbor(images, masks_b, train_images)[0],
              "knn_mean": knn_mean(images, masks_b, train_images)}
-    if method == "latent":  # the baselines the method is built on: its neighbours, its starts, the network
+    if method == "latent":  # its neighbours, its starts, and the supervised network (a named baseline)
         starts = options.get("starts", DEFAULTS["latent"]["starts"])
         fills["knn_matched"] = knn_mean(images, masks_b, train_images, k=starts)
-        fills["conditional_mean"] = regression.predict(images, masks_b)
+        fills["conditional_mean"] = conditional_mean.predict(images, masks_b)
         first = {**options, "rounds": 1}  # the first round's starts
         fills["start"] = _batched(lambda lo, hi: inpaint(flow, images[lo:hi], masks if shared else masks[lo:hi],
                                                          keys[lo:hi], method=method, steps=0, lr=lr, **reference,

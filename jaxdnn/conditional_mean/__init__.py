@@ -1,25 +1,17 @@
-"""A learned conditional mean: one network, trained on training images under random masks, that
-regresses the missing pixels on the observed ones, E[x | observed pixels], for any mask.
+"""A learned conditional mean: networks trained on training images under random masks that
+regress the missing pixels on the observed ones, E[x | observed pixels], for any mask.
 
-PSNR is a squared error, and the estimate that minimizes it is the posterior mean; this network
-is trained for that, with no flow (its last stage on the mean over images of log MSE, which is
-what a mean PSNR scores: `train(objective="psnr")`). `latent` blends it with the flow's posterior mean
-(`LATENT_DEFAULTS["blend"]`): the two err differently (validation, docs/inpainting.md), and
-the scoring reports what the flow adds over the network alone ("conditional_mean").
+PSNR is a squared error, and the estimate that minimizes it is the posterior mean; these networks
+are trained for that, with no flow (`train(objective="psnr")`: the mean over images of log MSE,
+which is what a mean PSNR scores). They are a supervised baseline for the flow's inpainting
+methods (`jaxdnn.inpainting.evaluate` reports it as "conditional_mean"), never part of them.
 
-The network is a dense core over the whole image (it reasons across the mask: which digit, where
-its strokes go) and a small convolutional refiner on its estimate (local strokes and edges, which a
-dense layer has to learn anew at every position): the refiner adds a correction to the core's
-logits and starts at zero, so weights trained for the core alone load as they were
-(`train(trainable="refiner")` trains it with the core frozen).
-
-The shipped estimate is an ensemble: networks trained apart (their own initialization, batches
-and masks) err apart, and the mean of their estimates has a lower squared error than either; a
-`UNetMeanNet` (a small U-Net, convolutions all the way) errs less like the dense members than they
-do like each other. `predict(images, masks)` takes the weighted mean of the shipped members
-(`ensemble()`: the files the card lists beside this file, float16 on disk; `member_weights()`:
-their weights on the card); `python -m experiments.train_conditional_mean --ship MEMBER [--weight W]`
-trains and exports one of them.
+Two kinds of network: `ConditionalMeanNet`, a dense core over the whole image with a small
+convolutional `Refiner` adding a correction to its logits (starting at zero, so a core's weights
+load as they were), and `UNetMeanNet`, a small U-Net. The shipped estimate is the weighted mean of
+the members its card lists (`ensemble()`, `member_weights()`, float16 on disk);
+`predict(images, masks)` fills with it, and `python -m experiments.train_conditional_mean --ship
+MEMBER [--weight W]` trains and exports one member.
 """
 
 from __future__ import annotations
