@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxdnn import pretrained
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TINY_GLOW = ["--config.levels_count=1", "--config.steps_per_level=1", "--config.hidden=8", "--config.batch_size=8",
@@ -41,7 +43,9 @@ def test_readme_quickstart_runs(capsys):
     exec(compile(section("Quickstart", "python"), "README.md:quickstart", "exec"), scope)  # noqa: S102
     printed = capsys.readouterr().out
     assert "P(reach $200)" in printed and "quickstart ran in" in printed
-    assert scope["log_p"].shape == (4,) and np.isfinite(scope["log_p"]).all()
+    bpd, card = np.asarray(scope["bpd"], np.float64), pretrained.card("glow")["test_bpd"]
+    assert bpd.shape == (500,) and "Glow bits/dim of 500 test images" in printed
+    assert abs(bpd.mean() - card) < 3 * bpd.std(ddof=1) / np.sqrt(500)  # the card's figure, within the sample's error
     assert scope["samples"].shape == (4, 28, 28, 1) and np.isfinite(scope["samples"]).all()
     assert scope["mean_psnr"].shape == (4,) and np.isfinite(scope["mean_psnr"]).all()
     assert abs(scope["ruin"].estimate / scope["exact"] - 1) < 5 * scope["ruin"].relative_error
