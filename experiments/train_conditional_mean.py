@@ -12,23 +12,18 @@ images) and every named mask, the network's PSNR over the missing pixels beside 
 32 training images nearest on the observed pixels (paired difference, mean and standard error).
 Writes DIR/conditional_mean.msgpack (float32: `--init-from` continues from it bit for bit, with a
 fresh optimizer and schedule) and DIR/conditional_mean.json; `--ship MEMBER` also writes the float16
-copy into the package as that member of the shipped ensemble (`conditional_mean.member_file`; 1 if no
-number follows) and the ensemble's card (every member's stage; the ensemble's validation scores,
-what `conditional_mean.predict` gives). The shipped ensemble's first member:
-`--steps 20000 --seed 1`, then `--steps 20000 --seed 2`, `--steps 10000 --seed 3 --named 64`,
-`--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5 --named 128`, `--steps 10000 --seed 6
---named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense core alone), `--steps 3000 --seed 8
---named 128 --objective psnr --warmup 200 --trainable refiner --refiner 64` (stage 8: a convolutional
-refiner of 64 channels on the frozen core; it replaced stage 7's 32), each `--init-from` the last one's
-output; its second member (stage 9): `--steps 30000 --seed 11 --init-seed 11 --refiner 0 --named 128
---objective psnr`, then `--steps 800 --seed 12 --named 128 --objective psnr --lr 3e-4 --warmup 50
---trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 2`;
-its third (stage 10, a core of four layers): `--steps 30000 --seed 13 --init-seed 13 --refiner 0 --depth 4
---named 128 --objective psnr`, then `--steps 400 --seed 16 --named 128 --objective psnr --lr 3e-4 --warmup 30
---trainable refiner` `--init-from` its output `--refiner-from` the first member's file `--ship 3`;
-its fourth (stage 11, a U-Net, weight 0.6 against 0.133 for each of the others): `--steps 7000 --seed 17
---init-seed 17 --unet 16 --named 128 --objective psnr --lr 1e-3 --warmup 300 --ship 4 --weight 0.6`
-(docs/inpainting.md).
+copy into the shipped files (`jaxdnn.pretrained`) as that member of the ensemble
+(`conditional_mean.member_file`; 1 if no number follows) and the ensemble's card (every member's
+stage; as metrics the ensemble's validation PSNR per mask, what `conditional_mean.predict` gives).
+
+The shipped ensemble (chosen by `python -m experiments.choose_conditional_mean`, docs/inpainting.md):
+member 1, a dense core with a refiner: `--steps 20000 --seed 1`, then `--steps 20000 --seed 2`,
+`--steps 10000 --seed 3 --named 64`, `--steps 10000 --seed 4 --named 128`, `--steps 10000 --seed 5
+--named 128`, `--steps 10000 --seed 6 --named 128 --objective psnr --lr 3e-4 --warmup 200` (the dense
+core alone), `--steps 3000 --seed 8 --named 128 --objective psnr --warmup 200 --trainable refiner
+--refiner 64` (a convolutional refiner on the frozen core), each `--init-from` the last one's output;
+member 2, a U-Net: `--steps 7000 --seed 17 --init-seed 17 --unet 16 --named 128 --objective psnr
+--lr 1e-3 --warmup 300 --ship 2 --weight 0.818`.
 """
 
 from __future__ import annotations
@@ -223,12 +218,13 @@ def main(argv=None) -> int:
 
 
 def ship(member: int, params, card: dict, validation, weight: float | None = None) -> None:
-    """Write `params` (float16) into the package as this member of the shipped ensemble, and the
-    ensemble's card: every member's card (this one's replaced or appended) with its weight in the
-    mean (this one's `weight`, the others keeping their proportions; None: its weight before, or
-    1/N for a new member of N) and the validation scores of all of them together, read back as
-    `conditional_mean.predict` reads them."""
+    """Write `params` (float16) into the shipped files (`jaxdnn.pretrained`) as this member of the
+    ensemble, and the ensemble's card (`jaxdnn.pretrained.store` schema): every member's card (this
+    one's replaced or appended) with its weight in the mean (this one's `weight`, the others keeping
+    their proportions; None: its weight before, or 1/N for a new member of N), and as metrics the
+    validation PSNR of all of them together, read back as `conditional_mean.predict` reads them."""
     from jaxdnn import conditional_mean
+    from jaxdnn.pretrained import store
 
     members = conditional_mean.card()["members"] if conditional_mean.CARD.is_file() else []
     before = list(conditional_mean.member_weights()) if members else []
@@ -241,10 +237,17 @@ def ship(member: int, params, card: dict, validation, weight: float | None = Non
     atomic_write_bytes(path, conditional_mean.to_bytes(params))
     members = [*members[:member - 1], {"file": path.name, **card}, *members[member:]]
     members = [{**m, "weight": w} for m, w in zip(members, weights, strict=True)]
-    ensemble = {"model": f"an ensemble of {len(members)} networks, the weighted mean of their estimates",
-                "members": members,
-                "validation": validation([conditional_mean.load(path.parent / m["file"]) for m in members], weights)}
-    atomic_write_bytes(conditional_mean.CARD, json.dumps(ensemble, indent=2).encode())
+    scores = validation([conditional_mean.load(path.parent / m["file"]) for m in members], weights)
+    measure = f"python -m experiments.choose_conditional_mean --val-images {scores['images']}"
+    files = {m["file"]: (path.parent / m["file"]).read_bytes() for m in members}
+    store.write(path.parent, conditional_mean.CARD.stem, files, {
+        "kind": "conditional_mean", "weights": {},
+        "split": f"trained on training images 0..54999 under random masks; scored on validation images "
+                 f"{scores['images']}",
+        "command": f"{PROG} --ship MEMBER (each member's command: members[].stage)",
+        "metrics": {f"psnr_{mask}": {"value": v["psnr"], "command": measure} for mask, v in scores["scores"].items()},
+        "model": f"an ensemble of {len(members)} networks, the weighted mean of their estimates",
+        "members": members})
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def export(name: str, workdir: Path, directory: Path) -> int:
         "wall_seconds": round(extra["wall_seconds"], 1),
         "hardware": f"{mesh.size} x {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
                     f" {os.cpu_count()} cores)",
-        "weights": "Polyak average (ema)" if config["train_config"]["ema"] > 0 else "last step",
+        "averaging": "Polyak average (ema)" if config["train_config"]["ema"] > 0 else "last step",
         "val_bpd": round(scores["validation"]["bpd"], 5),
         "val_bpd_stderr": round(scores["validation"]["bpd_stderr"], 5),
         "test_bpd": round(scores["test"]["bpd"], 5),

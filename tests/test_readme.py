@@ -74,7 +74,7 @@ def test_readme_train_export_continue_recipe_runs(tmp_path, monkeypatch, capsys)
             "--json", "--limit", "64", "--out", str(tmp_path)]
         assert main([*argv, *extra]) == 0, capsys.readouterr().err[-2000:]
     assert {p.name: p.stat().st_mtime_ns for p in pretrained.SHIPPED_DIR.iterdir()} == shipped
-    card = json.loads((tmp_path / "glow_a" / "export" / "glow.json").read_text())
+    card = pretrained.card(tmp_path / "glow_a" / "export" / "glow.msgpack")
     final = json.loads((tmp_path / "glow_a" / "final.json").read_text())
     assert card["steps"] == 4 and card["val_bpd"] == round(final["val_bpd"], 5)  # rescored: the run's own figure
     assert card["test_images"] == 10000 and np.isfinite(card["test_bpd"])

@@ -17,9 +17,7 @@ MEMBER [--weight W]` trains and exports one member.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 import jax
@@ -31,11 +29,12 @@ from flax import serialization
 
 from jaxdnn.inpainting.baselines import _fill
 from jaxdnn.inpainting.masks import IMAGE_SHAPE, MASKS, check_images, check_mask, make_mask
+from jaxdnn.pretrained.store import SHIPPED_DIR, read_card, read_weights
 
 __all__ = ["OBJECTIVES", "REFINER", "ConditionalMeanNet", "Refiner", "UNetMeanNet", "card", "describe", "ensemble",
            "load", "member_file", "member_weights", "model_of", "predict", "random_masks", "train", "to_bytes"]
 
-_HERE = Path(str(resources.files(__package__)))
+_HERE = SHIPPED_DIR  # the shipped members and their card live with every other shipped file
 CARD = _HERE / "conditional_mean.json"  # the shipped ensemble's card: its members' files and stages, its scores
 PIXELS = int(np.prod(IMAGE_SHAPE))  # 784: MNIST only
 OBJECTIVES = ("mse", "psnr")  # train's objective: the pooled squared error, or the mean log MSE of the images
@@ -258,8 +257,22 @@ def member_file(member: int) -> Path:
 
 
 def ensemble() -> tuple:
-    """The shipped ensemble: each member's parameters (float32), in the card's order."""
-    return tuple(load(_HERE / m["file"]) for m in card()["members"])
+    """The shipped ensemble: each member's parameters (float32), in the card's order, read by the
+    shared loader (`jaxdnn.pretrained.store.read_weights`: checked against the card's sha256)."""
+    return tuple(_read_member(_HERE / m["file"], CARD, _version(_HERE / m["file"]), _version(CARD))
+                 for m in card()["members"])
+
+
+def _version(path: Path):
+    stat = path.stat() if path.is_file() else None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _read_member(path: Path, card_path: Path, *versions):
+    del versions  # a file written anew is read anew
+    return read_weights(path, lambda raw: _template(model_of(raw)), read_card(card_path),
+                        expected="a conditional-mean network")
 
 
 def member_weights() -> tuple[float, ...]:
@@ -311,9 +324,10 @@ def _load(path: Path, mtime_ns: int, size: int, refiner: int | None):
 
 
 def card() -> dict:
-    """The shipped ensemble's card: "members" (each one's file, training stage and validation PSNR
-    alone) and "validation" (the ensemble's PSNR per mask)."""
-    return json.loads(CARD.read_text())
+    """The shipped ensemble's card (`jaxdnn.pretrained.store.Card` as JSON): "members" (each one's
+    file, weight, training stage and validation PSNR alone) and "metrics" (the ensemble's PSNR
+    per mask, "psnr_<mask>", each with the command that measures it)."""
+    return read_card(CARD).to_dict()
 
 
 @jax.jit

@@ -3,30 +3,26 @@
 completed images against the true labels, beside PSNR: PSNR rewards blur, the classifier asks
 whether a filled-in 7 still reads as a 7.
 
-`accuracy(images, labels)` uses the shipped weights (`classifier.msgpack` beside this file);
-`python -m experiments.train_classifier` trains and exports them.
+`accuracy(images, labels)` uses the shipped weights (`jaxdnn/pretrained/classifier.msgpack` and
+its card); `python -m experiments.train_classifier` trains and exports them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from importlib import resources
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from flax import serialization
 
 from jaxdnn.inpainting.masks import check_images
+from jaxdnn.pretrained.store import SHIPPED_DIR, read_card, read_weights
 
 __all__ = ["DigitClassifier", "accuracy", "load", "predict", "train"]
 
-_HERE = Path(str(resources.files(__package__)))
-WEIGHTS, CARD = _HERE / "classifier.msgpack", _HERE / "classifier.json"
+WEIGHTS, CARD = SHIPPED_DIR / "classifier.msgpack", SHIPPED_DIR / "classifier.json"
 
 
 class DigitClassifier(nn.Module):
@@ -75,12 +71,13 @@ def load():
     if not WEIGHTS.is_file():
         raise FileNotFoundError(f"{WEIGHTS} is missing: python -m experiments.train_classifier --ship")
     template = jax.eval_shape(DigitClassifier().init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    return jax.tree.map(jnp.asarray, serialization.from_bytes(template, WEIGHTS.read_bytes()))
+    return read_weights(WEIGHTS, template, read_card(CARD), expected="DigitClassifier")
 
 
 def card() -> dict:
-    """The shipped classifier's card (training split, epochs, validation and test accuracy)."""
-    return json.loads(CARD.read_text())
+    """The shipped classifier's card (`store.Card` as JSON: training split, the command that made
+    it, validation and test accuracy under "metrics")."""
+    return read_card(CARD).to_dict()
 
 
 @jax.jit

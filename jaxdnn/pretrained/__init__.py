@@ -1,40 +1,39 @@
-"""Flows to load, no network: `load(source) -> (model, params)`, `card(source)` and
-`load_distribution(source)` (the same flow as a jitted `distrax.Distribution` over images).
+"""The one home of shipped files: flows, the plausibility classifier and the conditional-mean
+regressor, each weights plus a card of one schema (`store.Card`: sha256 of the weights, data
+split, the command that made them, each metric with the command that measures it), read by one
+loader (`store.read_weights`).
 
-A source is one of
-- a shipped name ("nice", "realnvp", "glow"): `<name>.msgpack` (Flax-serialized parameters) and
-  `<name>.json` (its card) inside this package;
+Flows: `load(source) -> (model, params)`, `card(source)` and `load_distribution(source)` (the
+same flow as a jitted `distrax.Distribution` over images). A source is one of
+- a shipped name ("nice", "realnvp", "glow"): `<name>.msgpack` and its card `<name>.json` here;
 - an exported weights file `path/to/<name>.msgpack` with its card `path/to/<name>.json` beside it
   (what `python -m experiments.train_flow --export` writes, by default into the run's workdir);
 - a training workdir (it holds config.json): its latest checkpoint's averaged weights.
-Cards carry the config, every training stage's command, steps, epochs, wall time and hardware,
-and the validation and test bits/dim; an exported card also the sha256 of its weights file
-("weights_sha256"), so that a card copied without its weights (or the reverse) is refused.
+A card copied without its weights (or the reverse) is refused: its sha256 differs.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import serialization
 
-from jaxdnn.files import atomic_write_bytes, sha256
+from jaxdnn.files import sha256
 from jaxdnn.flows import build_model
 from jaxdnn.flows.distribution import FlowDistribution
+from jaxdnn.pretrained.store import SHIPPED_DIR, Card, read_card, read_weights, write
 
-SHIPPED_DIR = Path(str(resources.files(__name__)))
+FLOW_MODELS = ("nice", "realnvp", "glow")
 
 
 def available() -> list[str]:
-    """Names of the shipped models."""
-    return sorted(p.name[: -len(".json")] for p in SHIPPED_DIR.iterdir() if p.name.endswith(".json"))
+    """Names of the shipped flows."""
+    return sorted(n for n in FLOW_MODELS if (SHIPPED_DIR / f"{n}.json").is_file())
 
 
 def _kind(source: str | os.PathLike) -> tuple[str, Path]:
@@ -59,21 +58,60 @@ def short_name(source: str | os.PathLike) -> str:
     return path.name if kind == "workdir" else path.stem
 
 
-def _file_card(path: Path) -> dict:
-    """The card beside weights file `path`, checked to belong to it where it names its weights' sha256."""
-    info = json.loads(path.with_suffix(".json").read_text())
-    expected = info.get("weights_sha256")
-    if expected is not None and sha256(path) != expected:
-        raise ValueError(f"{path.with_suffix('.json')} is the card of other weights than {path} (their sha256 "
-                         "differs from its weights_sha256): copy the .msgpack and its .json together")
-    return info
+def flow_card(info: dict, weights_name: str, weights_sha256: str) -> dict:
+    """A flow's card in the shared schema from what `experiments.train_flow --export` gathers (the
+    run's config, "training_command", "split", "val_bpd", "test_bpd", ...; also the cards of
+    exports written before this schema): metrics move under "metrics", each with its command."""
+    if "kind" in info:
+        return info
+    info = dict(info)
+    name = info["model"]
+    evaluate = f"python -m experiments.evaluate_flow --model {name}"
+    commands = {"val_bpd": f"{evaluate} --split validation", "val_bpd_stderr": f"{evaluate} --split validation",
+                "test_bpd": evaluate, "test_bpd_stderr": evaluate, "test_bpd_first256": f"{evaluate} --limit 256"}
+    metrics = {k: {"value": info.pop(k), "command": c} for k, c in commands.items() if k in info}
+    info.pop("weights_sha256", None)
+    if isinstance(info.get("weights"), str):  # which weights: "Polyak average (ema)" or "last step"
+        info["averaging"] = info.pop("weights")
+    return {"kind": "flow", "weights": {weights_name: weights_sha256},
+            "split": info.pop("split", "trained on MNIST training images 0..54999"),
+            "command": info.pop("training_command", "") or "python -m experiments.train_flow --model " + name,
+            "metrics": metrics, **info}
+
+
+def _card_view(card: Card) -> dict:
+    """A flow card as `card()` returns it: the JSON, and each metric's value also at the top level
+    (card["test_bpd"])."""
+    return {**card.to_dict(), **{k: m.value for k, m in card.metrics.items()}}
+
+
+def _file_card(path: Path) -> Card:
+    """The card beside weights file `path` (a card of the shared schema, or one exported before it
+    with its weights' sha256, read as the shared schema), checked to be the card of these weights."""
+    beside = path.with_suffix(".json")
+    try:
+        info = json.loads(beside.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{beside}: not a card (not JSON)") from None
+    if isinstance(info, dict) and "kind" not in info and "model_config" in info:  # exported before the schema
+        info = flow_card(info, path.name, info.get("weights_sha256") or sha256(path))
+    card = Card.from_dict(info, str(beside)) if "kind" in info else read_card(beside)
+    if card.kind != "flow":
+        raise ValueError(f"{beside}: the card of a {card.kind}, not of a flow")
+    want = card.sha256_of(path)
+    if want is not None and sha256(path) != want:  # say what is wrong: corrupt, another model, or other weights
+        model = build_model(card.details["model"], **card.details["model_config"])
+        read_weights(path, _template(model), card, identify=_identify, expected=card.details["model"])
+        raise ValueError(f"{path}: its card is the card of other weights (sha256 differs): copy the "
+                         ".msgpack and its .json together")
+    return card
 
 
 def card(source: str | os.PathLike) -> dict:
     """The card of `source`; for a workdir, its config with "steps" of its latest checkpoint."""
     kind, path = _kind(source)
     if kind != "workdir":
-        return _file_card(path)
+        return _card_view(_file_card(path))
     steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
     if not steps:
         raise ValueError(f"training workdir {path} has no checkpoint yet")
@@ -96,10 +134,26 @@ def _load(kind: str, path: Path):
         model = build_model(info["model"], **info["model_config"])
         return model, jax.device_get(_restore_workdir(path).ema_params)
     info = _file_card(path)
-    model = build_model(info["model"], **info["model_config"])
-    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    params = serialization.from_bytes(template, path.read_bytes())
-    return model, jax.tree.map(jnp.asarray, params)
+    model = build_model(info.details["model"], **info.details["model_config"])
+    params = read_weights(path, _template(model), info, identify=_identify, expected=info.details["model"])
+    return model, params
+
+
+def _template(model):
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
+def _identify(raw: dict) -> str | None:
+    """Which shipped flow's architecture these raw weights have (by their shapes), or None."""
+    for name in available():
+        shipped = read_card(SHIPPED_DIR / f"{name}.json").details
+        template = _template(build_model(name, **shipped["model_config"]))
+        try:
+            serialization.from_state_dict(template, raw)
+            return name
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def load(source: str | os.PathLike):
@@ -143,12 +197,10 @@ def test_bpd(source: str | os.PathLike, limit: int | None = None, key=None, samp
 
 
 def export(params, info: dict, name: str, directory: str | os.PathLike) -> Path:
-    """Writes `<name>.msgpack` and `<name>.json` (temp names, then renamed) into `directory`
-    (`SHIPPED_DIR` ships them with the package: maintainers only); the card `info` gains the
-    weights' sha256 ("weights_sha256")."""
-    directory = Path(directory)
+    """Writes `<name>.msgpack` and its card `<name>.json` (temp names, then renamed) into
+    `directory` (`SHIPPED_DIR` ships them with the package: maintainers only); `info` as
+    `flow_card` takes it, the card gains the weights' sha256."""
     blob = serialization.to_bytes(jax.device_get(params))
-    info = {**info, "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    for suffix, data in ((".msgpack", blob), (".json", json.dumps(info, indent=2).encode())):
-        atomic_write_bytes(directory / f"{name}{suffix}", data)
-    return directory / f"{name}.msgpack"
+    card = flow_card(info, f"{name}.msgpack", "0" * 64)
+    write(directory, name, {f"{name}.msgpack": blob}, card)
+    return Path(directory) / f"{name}.msgpack"
