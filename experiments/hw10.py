@@ -144,7 +144,8 @@ def main(argv=None) -> int:
         module, result, wall = results[key]
         if module == "inpaint" and "error" not in result:  # one entry per (mask, method)
             for r in result.pop("results"):
-                r["figures"] = [f for f in result["figures"] if f.endswith(f"_{r['mask']}.png")]
+                # figures are named inpaint_<model>_<mask>_<methods>[_<options>].png
+                r["figures"] = [f for f in result["figures"] if f"_{r['mask']}_" in Path(f).name]
                 summary["parts"][f"{key}_{r['mask']}_{r['method']}"] = {**r, "command": result["command"],
                                                                       "wall_seconds": round(r["seconds"], 1)}
         else:

@@ -1,6 +1,6 @@
 """Problem 3: inpaint MNIST test (or validation) images with a pretrained flow.
 
-    python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...]] [--split test]
+    python -m experiments.inpaint [--model SOURCE] [--mask NAME[,NAME...] | --mask-file PATH.npy] [--split test]
         [--images START:STOP] [--method NAME[,NAME...]] [--steps N] [--lr LR] [--starts K]
         [--rounds R] [--temperature T] [--seed 0] [--batch-size 100] [--out DIR] [--json]
 
@@ -9,11 +9,17 @@ Fills the missing pixels of images START..STOP-1 of the split with any of the me
 from the training images nearest on the observed pixels, and `latent_map`; pixel space: `pgd`,
 the course's 300 plain steps of 1e-3 from missing pixels at 1, `annealed`, `langevin`).
 Reports, over the missing pixels only, the mean PSNR (peak 1), the mean MSE, the mean bits/dim
-of the inpainted images and the plausibility classifier's accuracy, beside baselines computed
-in the same run (mean_fill, nearest_neighbor, knn_mean of 10, and for `latent` the matched
-knn_matched, the supervised conditional-mean network, and start) with paired differences (mean
-and standard error). Writes one figure per mask, DIR/inpaint_<model>_<mask>.png: rows original,
+of the inpainted images (rounded to 8-bit pixels and scored as the model's card scores test
+images: `FlowDistribution.bits_per_dim`) and the plausibility classifier's accuracy, beside
+baselines computed in the same run (mean_fill, nearest_neighbor, knn_mean of 10, and for
+`latent` the matched knn_matched, the supervised conditional-mean network, and start) with
+paired differences (mean and standard error). Writes one figure per mask,
+DIR/inpaint_<model>_<mask>_<methods>[_<options>].png (options: those given that are not the
+defaults, so runs of other methods or options never overwrite each other): rows original,
 observed, one per method, knn_mean.
+
+Your own mask: `--mask-file PATH.npy`, a saved NumPy array (28, 28) or (28, 28, 1), bool or 0/1,
+True / 1 = observed, with at least one observed and one missing pixel (docs/masks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import numpy as np
 from experiments.common import ArgumentParser, fail, print_json, save_figure
 from jaxdnn import distributed, pretrained
 from jaxdnn import inpainting as ip
-from jaxdnn.data import FetchError, load_mnist, to_unit_interval
+from jaxdnn.data import FetchError, load_mnist, to_pixels, to_unit_interval
+from jaxdnn.flows.distribution import FlowDistribution
 
 PROG = "python -m experiments.inpaint"
 JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "settings", "psnr", "mse", "bpd", "baselines",
@@ -88,6 +95,35 @@ def split_range_error(images: tuple[int, int], split: str) -> str | None:
     return None
 
 
+def load_mask_file(text: str) -> np.ndarray:
+    """--mask-file PATH.npy -> bool (28, 28, 1), True = observed; ValueError naming what is wrong."""
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{text}: no such file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        why = "not an array of numbers" if "pickle" in str(e) else " ".join(str(e).split())
+        raise ValueError(f"{text}: not a NumPy .npy file of a mask ({why}; write one with np.save)") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{text}: holds several arrays (.npz); save one mask with np.save") from None
+    if arr.shape not in ((28, 28), (28, 28, 1)):
+        raise ValueError(f"{text}: shape {arr.shape}, need (28, 28) or (28, 28, 1)")
+    if arr.dtype != bool:
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise ValueError(f"{text}: dtype {arr.dtype}, need bool or 0/1 numbers")
+        bad = arr[~np.isin(arr, (0, 1))]
+        if bad.size:
+            raise ValueError(f"{text}: {bad.size} values other than 0 and 1 (e.g. {bad.flat[0].item()!r}); "
+                             "need bool or 0/1, 1 = observed")
+    mask = (arr != 0).reshape(28, 28, 1)
+    if mask.all():
+        raise ValueError(f"{text}: every pixel is observed (1): nothing to inpaint")
+    if not mask.any():
+        raise ValueError(f"{text}: no pixel is observed (all 0): nothing to condition on")
+    return mask
+
+
 def choice_list(choices):
     """argparse type: 'a,b' -> ['a', 'b'], each one of `choices`."""
     def parse(text: str) -> list[str]:
@@ -104,8 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="realnvp", metavar="SOURCE",
                    help=f"a shipped flow ({', '.join(pretrained.available())}; default realnvp), an exported "
                         ".msgpack or a training workdir")
-    p.add_argument("--mask", default=["hw10"], type=choice_list(ip.MASKS), metavar="NAME[,NAME...]",
+    p.add_argument("--mask", default=None, type=choice_list(ip.MASKS), metavar="NAME[,NAME...]",
                    help=f"missing region(s) from {', '.join(ip.MASKS)} (default hw10: rows 5..11, cols 5..19)")
+    p.add_argument("--mask-file", default=None, metavar="PATH.npy",
+                   help="your own mask instead: a .npy array (28, 28) or (28, 28, 1), bool or 0/1, True = "
+                        "observed (np.save; docs/masks.md)")
     p.add_argument("--images", type=parse_range, default=(0, 10), metavar="START:STOP",
                    help="images START..STOP-1 of --split (default 0:10)")
     p.add_argument("--split", default="test", choices=("test", "validation"),
@@ -136,6 +175,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     distributed.add_arguments(p)
     a = p.parse_args(argv)
+    if a.mask is not None and a.mask_file is not None:
+        p.error("--mask and --mask-file: give one of them")
+    a.masks = {name: name for name in (a.mask or ["hw10"])}  # label -> a name or a bool (28, 28, 1) array
+    if a.mask_file is not None:
+        try:
+            a.masks = {f"file:{Path(a.mask_file).name}": load_mask_file(a.mask_file)}
+        except ValueError as e:
+            p.error(f"--mask-file {e}")
     if split_range_error(a.images, a.split):
         p.error(split_range_error(a.images, a.split))
     if a.steps is not None and a.steps < 0:
@@ -174,6 +221,39 @@ def settings(a: argparse.Namespace, method: str) -> dict:
     options = latent_options(a) if method == "latent" else {}
     checked = ip.check_options(method, lr=a.lr, **options)
     return {k: v if math.isfinite(v) else str(v) for k, v in checked.items()}
+
+
+def given_options(a: argparse.Namespace, method: str) -> dict:
+    """The options of `method` this run sets that are not their defaults (steps, lr, the latent
+    method's): what tells its outputs apart from a default run's."""
+    defaults = ip.check_options(method)
+    given = {"lr": a.lr, **(latent_options(a) if method == "latent" else {})}
+    out = {k: v for k, v in given.items() if v is not None and v != defaults.get(k)}
+    return ({"steps": a.steps} if a.steps is not None else {}) | out
+
+
+def run_label(a: argparse.Namespace, method: str, steps: int) -> str:
+    """'latent (15 steps)', 'latent (5 steps, starts 8, temperature inf)': the method and every
+    option that sets it apart from its defaults."""
+    extra = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in given_options(a, method).items()
+             if k != "steps"]
+    return f"{method} ({', '.join([f'{steps} steps', *extra])})"
+
+
+def figure_name(a: argparse.Namespace, mask_label: str) -> str:
+    """inpaint_<model>_<mask>_<method>[+<method>...][_<option><value>...][_seed<S>][_validation].png."""
+    mask = mask_label.removeprefix("file:").removesuffix(".npy")
+    parts = [pretrained.short_name(a.model), mask, "+".join(a.method)]
+    for method in a.method:
+        prefix = f"{method}-" if len(a.method) > 1 else ""
+        parts += [f"{prefix}{k}{v:g}" if isinstance(v, float) else f"{prefix}{k}{v}"
+                  for k, v in given_options(a, method).items()]
+    if a.seed:
+        parts.append(f"seed{a.seed}")
+    if a.split != "test":
+        parts.append(a.split)
+    name = "_".join(parts)
+    return "inpaint_" + "".join(c if c.isalnum() or c in "+-._" else "-" for c in name) + ".png"
 
 
 def main(argv=None) -> int:
@@ -228,8 +308,8 @@ def _main(argv) -> int:
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
-    outs = []
-    for mask in a.mask:
+    outs, flow = [], FlowDistribution(model, params)
+    for mask_label, mask in a.masks.items():
         rows = []
         for method in a.method:
             try:
@@ -239,23 +319,29 @@ def _main(argv) -> int:
                                               **latent_options(a))
             except ValueError as e:
                 fail(PROG, str(e))
+            # bits/dim as the card scores test images: 8-bit pixels, the model's own dequantizer
+            per_image_bpd = np.asarray(flow.bits_per_dim(to_pixels(arrays["inpainted"]),
+                                                         jax.random.fold_in(jax.random.key(a.seed), lo),
+                                                         batch_size=a.batch_size), np.float64)
+            metrics = {**metrics, "bpd": float(per_image_bpd.mean())}
             if not rows:
                 observed = np.where(arrays["masks"], arrays["original"], 0.5)
                 rows = [("original", arrays["original"], None), ("observed", observed, None)]
-            rows.append((method, arrays["inpainted"], arrays["psnr"]))
             steps = ip.default_steps(method, model) if a.steps is None else a.steps
-            out = {"model": a.model, "mask": mask, "method": method, "split": a.split, "images": f"{start}:{stop}",
+            rows.append((run_label(a, method, steps), arrays["inpainted"], arrays["psnr"]))
+            out = {"model": a.model, "mask": mask_label, "method": method, "split": a.split,
+                   "images": f"{start}:{stop}",
                    "steps": steps, "settings": settings(a, method), **combine(metrics, arrays, hi - lo)}
             assert tuple(out) == JSON_KEYS
             outs.append(out)
             if not a.json and distributed.is_main():
-                report(out)
+                report(out, run_label(a, method, steps))
         if not distributed.is_main():
             continue  # process 0 (the first images) draws the figure
         knn = np.asarray(ip.masked_psnr(arrays["knn_mean"], arrays["original"], arrays["masks"]))
         rows.append(("knn_mean", arrays["knn_mean"], knn))
-        path = Path(a.out) / f"inpaint_{pretrained.short_name(a.model)}_{mask}.png"
-        title = (f"{a.model}, mask {mask} (missing pixels grey in 'observed'), {a.split} images "
+        path = Path(a.out) / figure_name(a, mask_label)
+        title = (f"{a.model}, mask {mask_label} (missing pixels grey in 'observed'), {a.split} images "
                  f"{start}..{min(hi, start + FIGURE_COLUMNS) - 1}; PSNR over the missing pixels")
         try:
             save_figure(figure(rows, title), path)
@@ -268,18 +354,19 @@ def _main(argv) -> int:
     return 0
 
 
-def report(out: dict) -> None:
+def report(out: dict, label: str) -> None:
     b = out["baselines"]
-    rows = [(f"{out['method']} ({out['steps']} steps)", out), *b.items()]
+    rows = [(label, out), *b.items()]
     print(f"Inpainting MNIST {out['split']} images {out['images']} with {out['model']}, "
           f"mask {out['mask']}; scores over the missing pixels")
     for name, m in rows:
         d = out["paired"].get(name)
         vs = f"   method - this: {d['mean']:+.3f} +- {2 * d['stderr']:.3f} dB (2 SE, paired)" if d else ""
-        print(f"  {name:<22} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}{vs}")
+        print(f"  {name:<{max(22, len(label))}} PSNR {m['psnr']:7.3f} dB   MSE {m['mse']:.5f}{vs}")
     acc = out["accuracy"]
     print("  read as the right digit by the classifier: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()))
-    print(f"  bits/dim of the inpainted images: {out['bpd']:.4f}; {out['seconds']:.1f} s "
+    print(f"  bits/dim of the inpainted images (8-bit, dequantized as the card's test bits/dim): "
+          f"{out['bpd']:.4f}; {out['seconds']:.1f} s "
           f"(the method {out['method_seconds']:.1f} s, its compilation included)")
 
 

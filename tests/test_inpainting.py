@@ -580,7 +580,7 @@ def test_cli_json_end_to_end(flow_runs, monkeypatch, tmp_path, capsys):
     assert 0.0 < out["method_seconds"] <= out["seconds"]  # the method's own time, inside the whole call's
     for name, d in out["paired"].items():  # the paired mean is the difference of the means
         assert d["mean"] == pytest.approx(out["psnr"] - out["baselines"][name]["psnr"], abs=1e-9) and d["stderr"] >= 0
-    assert (tmp_path / "inpaint_glow_hw10.png").stat().st_size > 0
+    assert (tmp_path / f"inpaint_glow_hw10_pgd_steps{FLOW_STEPS}.png").stat().st_size > 0  # method and options
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ("annealed", "langevin") else m
