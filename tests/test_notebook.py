@@ -2,6 +2,7 @@
 is stored without outputs."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,3 +32,7 @@ def test_the_notebook_runs(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="jaxdnn", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "P(reach $200)" in text and "notebook ran in" in text, text
+    # the flow's bits/dim is the card's (the model's own dequantizer), within 3 standard errors of 500 images
+    mean, stderr, card = map(float, re.search(r"RealNVP bits/dim of 500 test images: (\S+) \+- (\S+) \(card: (\S+)\)",
+                                              text).groups())
+    assert abs(mean - card) < 3 * stderr and stderr < 0.02, text
