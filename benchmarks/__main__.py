@@ -9,7 +9,8 @@ PyTorch; without --quick also our RealNVP with variational dequantization, its c
 Each case: warm-up, compile time measured separately, `jax.block_until_ready`,
 median/min/max of >= 5 timed runs, the peers timed in the same invocation, ratios
 jaxdnn / peer (higher is better).
-A missing optional peer (torch not installed) is reported as missing.
+A missing optional peer (torch not installed: `pip install -e '.[bench]'`) is reported as
+missing; a peer that fails is reported with its error and the command exits 1.
 
 --quick: smaller workloads (under 2 minutes on a 2-core CPU), still >= 5 timed runs.
 --json: print the JSON report on stdout (progress goes to stderr).
@@ -83,7 +84,11 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(harness.markdown(report), end="")
-    failed = any("median" not in c["jaxdnn"] for c in cases)
+    failed = [c["name"] for c in cases if "median" not in c["jaxdnn"]]
+    failed += [f"{c['name']}/{name}" for c in cases for name, peer in c["peers"].items()
+               if str(peer.get("missing", "")).startswith("error")]
+    if failed:
+        harness.log(f"{PROG}: error: failed: {', '.join(failed)}")
     return 1 if failed else 0
 
 

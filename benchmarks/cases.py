@@ -149,7 +149,9 @@ def _torch_realnvp(device: str = "cpu"):
     from benchmarks.peers import realnvp_torch
     from jaxdnn.flows import CONFIGS
 
-    return realnvp_torch.RealNVP(**CONFIGS["realnvp"]).to(device)
+    config = CONFIGS["realnvp"]  # build_model("realnvp")'s: uniform dequantization, as the peer's
+    assert config["dequantization"] == "uniform", config
+    return realnvp_torch.RealNVP(**config).to(device)
 
 
 # ----------------------------------------------------------------------------- inpainting

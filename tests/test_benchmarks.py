@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +60,56 @@ def test_quick_benchmark_json_shape(tmp_path):
             assert set(peer) == timing, (case["name"], name, peer)
             assert 0 < peer["min"] <= peer["median"] <= peer["max"]
             assert isinstance(case["ratios"][name], float) and case["ratios"][name] > 0
+
+
+def test_torch_peers_build_and_run_one_step():
+    """Each PyTorch peer of `python -m benchmarks` is built as the harness builds it and runs one
+    step (CI installs the [bench] extra; skipped only where torch is absent): the flow peer has
+    jaxdnn's RealNVP parameter count, and refuses a dequantization it does not mirror."""
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.cases import _torch_realnvp
+    from benchmarks.peers import inpainting_torch, realnvp_torch, sgd_tricks_torch
+    from jaxdnn.flows import CONFIGS, build_model
+
+    net = _torch_realnvp("cpu")
+    shapes = jax.eval_shape(build_model("realnvp").init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert realnvp_torch.num_params(net) == sum(np.size(a) for a in jax.tree.leaves(shapes))
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
+    loss = realnvp_torch.make_train_step(net)(batch)
+    assert np.isfinite(loss) and 0 < loss < 50
+    images = (batch.float() + 0.5).unsqueeze(1) / 256.0
+    mask = torch.ones(1, 28, 28, dtype=torch.bool)
+    mask[:, 14:] = False
+    for run in (inpainting_torch.run, inpainting_torch.run_batched):
+        out = run(net, images, mask, steps=1)
+        assert out.shape == images.shape and bool(torch.equal(out[:, :, :14], images[:, :, :14]))
+    mu, tau = sgd_tricks_torch.run(iterations=2)
+    assert np.isfinite([mu, tau]).all() and (mu, tau) != (0.0, 0.0)
+    with pytest.raises(ValueError, match="uniform dequantization only"):
+        realnvp_torch.RealNVP(**{**CONFIGS["realnvp"], "dequantization": "variational"})
+
+
+@pytest.mark.slow
+def test_torch_flow_peer_is_the_same_function_as_jaxdnns_realnvp():
+    """With jaxdnn's (perturbed) parameters copied in, the PyTorch RealNVP gives the same log p."""
+    torch = pytest.importorskip("torch")
+    import jax
+
+    from benchmarks.cases import _torch_realnvp
+    from benchmarks.peers import realnvp_torch
+    from jaxdnn.flows import build_model
+    from jaxdnn.flows.checks import perturbed_params, random_input
+
+    model = build_model("realnvp")
+    x = random_input(jax.random.key(0), (2, 28, 28, 1), unit_interval=True)
+    params = perturbed_params(model, jax.random.key(1), x)
+    want = np.asarray(jax.jit(lambda p, v: model.apply(p, v, method=model.log_prob))(params, x))
+    net = _torch_realnvp("cpu")
+    realnvp_torch.load_flax_params(net, jax.device_get(params))
+    with torch.no_grad():
+        got = net.log_prob(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.05)

@@ -8,7 +8,9 @@ squeeze), `pairs` pairs of channel-wise couplings, half the channels factored ou
 a ResNet conditioner (3x3 conv, `blocks` residual blocks of two 3x3 convs with ReLU, zero-init
 3x3 output conv on relu(h)); all convs have biases like flax's `nn.Conv`. Same parameter
 count as the flax model (the benchmark asserts it). Standard normal prior; log p in nats on
-[0, 1]^784 including the preprocessing log-det; loss = mean bits/dim of the dequantized batch.
+[0, 1]^784 including the preprocessing log-det; loss = mean bits/dim of the batch uniformly
+dequantized, as `build_model("realnvp")` (dequantization="uniform", the config's default; the
+shipped recipe's variational dequantizer is not mirrored, so the constructor refuses it).
 """
 
 from __future__ import annotations
@@ -86,8 +88,12 @@ class Coupling(nn.Module):
 
 class RealNVP(nn.Module):
     def __init__(self, levels_count: int = 2, pairs: int = 1, final_pairs: int = 2,
-                 hidden: int = 48, blocks: int = 1):
+                 hidden: int = 48, blocks: int = 1, dequantization: str = "uniform",
+                 dequantizer_hidden: int = 32, dequantizer_couplings: int = 4):
         super().__init__()
+        if dequantization != "uniform":  # the same model on both sides: refuse what is not mirrored here
+            raise ValueError(f"the PyTorch peer mirrors uniform dequantization only, got {dequantization!r}")
+        del dequantizer_hidden, dequantizer_couplings  # unused with uniform noise, as in jaxdnn
         c = 1
         self.levels = nn.ModuleList()
         self.keep = []
