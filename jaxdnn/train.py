@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,11 +33,27 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return dict(zip(("init", "data", "step", "eval"), jax.random.split(jax.random.key(seed), 4), strict=True))
 
 
+def capped_warmup(warmup: int, steps: int, start_step: int = 0) -> int:
+    """`warmup`, or a tenth of the run (at least 1 step) with a warning when the warm-up would
+    last as long as the run's `steps - start_step` updates or longer (the learning rate would
+    never reach its peak: e.g. `--config.steps=100` under the default 300-step warm-up)."""
+    run = steps - start_step
+    if run < 1 or warmup < run:
+        return warmup
+    capped = max(1, run // 10)
+    warnings.warn(f"warmup {warmup} is not shorter than this run's {run} steps (steps {steps}, from step "
+                  f"{start_step}): the learning rate would never reach its peak; warm-up capped to {capped} "
+                  f"steps (set --config.warmup to choose)", stacklevel=3)
+    return capped
+
+
 def learning_rate(lr: float, steps: int, warmup: int, start_step: int = 0) -> optax.Schedule:
     """The learning rate at optimizer count c (0 when an optimizer starts): a cosine from `lr` at
     global step 0 to lr/10 at global step `steps`, read at global step `start_step + c`, times a
     linear warm-up over this optimizer's first `warmup` counts (a run continued from an export
-    starts a fresh Adam at its step: a short warm-up, the schedule carried on)."""
+    starts a fresh Adam at its step: a short warm-up, the schedule carried on). A warm-up as long
+    as the run or longer is capped to a tenth of it, with a warning (`capped_warmup`)."""
+    warmup = capped_warmup(warmup, steps, start_step)
     cosine = optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1)
     return lambda count: cosine(count + start_step) * jnp.minimum(1.0, count / max(warmup, 1))
 

@@ -8,10 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import compilation_cache_env
 from flax import linen as nn
@@ -197,6 +199,19 @@ def test_learning_rate_continued_from_a_step_carries_the_cosine_on():
     assert float(continued(0)) == 0.0  # a fresh optimizer warms up again
     np.testing.assert_allclose(float(continued(50)), float(whole(650)), rtol=1e-6)  # then the same schedule
     np.testing.assert_allclose(float(whole(1000)), 1e-4, rtol=1e-5)  # lr/10 at the last step
+
+
+def test_a_warmup_as_long_as_the_run_warns_and_is_capped():
+    """--config.steps=100 under the default 300-step warm-up: the rate would peak at 1/3 of lr,
+    never reached; capped to a tenth of the run with a warning naming both. Shorter: unchanged."""
+    with pytest.warns(UserWarning, match=r"warmup 300 is not shorter than this run's 100 steps.*capped to 10"):
+        schedule = train.learning_rate(1e-3, 100, 300)
+    assert float(schedule(10)) == pytest.approx(float(optax.cosine_decay_schedule(1e-3, 100, alpha=0.1)(10)))
+    with pytest.warns(UserWarning, match="run's 40 steps"):  # a continued run counts its own steps
+        train.learning_rate(1e-3, 100, 50, start_step=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(train.learning_rate(1e-3, 1000, 300)(150)) == pytest.approx(0.5e-3, rel=0.06)  # half warmed up
 
 
 def test_the_averaged_weights_follow_the_raw_ones():
