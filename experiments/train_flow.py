@@ -3,7 +3,8 @@
 
 A thin CLI over `jaxdnn.trainer.train_and_evaluate`. Rerunning the same command resumes from the
 workdir's latest orbax checkpoint with the same data order and keys; `--coordinator ...` runs it
-on several processes (README "More than one process"). Writes config.json, history.jsonl,
+on several processes (docs/training.md, "More than one process"; recipes, the campaign and
+export: docs/training.md). Writes config.json, history.jsonl,
 metrics.jsonl, checkpoints/, final.json and loss_curve.png to the workdir.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from experiments.common import ArgumentParser, fail, parse_overrides, save_figure
 from jaxdnn import distributed, trainer
+from jaxdnn import workdir as layout
 from jaxdnn.flows import MODELS, config_schema
 
 PROG = "python -m experiments.train_flow"
@@ -93,14 +95,14 @@ def main(argv=None) -> int:
         if args.export:
             from jaxdnn import pretrained
 
-            destination = pretrained.SHIPPED_DIR if args.ship else Path(args.export_dir or workdir / "export")
+            destination = pretrained.SHIPPED_DIR if args.ship else Path(args.export_dir or workdir / layout.EXPORT)
             return export(args.model, workdir, destination)
         final = trainer.train_and_evaluate(config, workdir, stop_after=args.stop_after, progress=not args.quiet,
                                            command=command_line(argv))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         fail(PROG, str(e))
     if final is not None and distributed.is_main():
-        plot_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png", f"{args.model} on MNIST")
+        plot_curve(workdir / layout.METRICS, workdir / "loss_curve.png", f"{args.model} on MNIST")
         print(json.dumps(final))
     return 0
 
@@ -161,15 +163,15 @@ def export(name: str, workdir: Path, directory: Path) -> int:
     from jaxdnn import pretrained, train, trainer
     from jaxdnn.data import load_mnist
 
-    if not (workdir / "config.json").exists():
+    if not (workdir / layout.CONFIG).exists():
         fail(PROG, f"no training run in {workdir} to export")
-    config = trainer.check_run_config(json.loads((workdir / "config.json").read_text()))  # the run's own
+    config = trainer.check_run_config(json.loads((workdir / layout.CONFIG).read_text()))  # the run's own
     if config["model"] != name:
         fail(PROG, f"{workdir} holds a {config['model']} run, not a {name}")
     model, _, state, extra, mesh = trainer.setup(config, workdir)
     if state is None:
         fail(PROG, f"no checkpoint in {workdir} to export")
-    hist_path = workdir / "history.jsonl"
+    hist_path = workdir / layout.HISTORY
     history = [json.loads(ln) for ln in hist_path.read_text().splitlines() if ln] if hist_path.exists() else []
     t0 = time.time()
     eval_key = train.run_keys(config["train_config"]["seed"])["eval"]
@@ -196,12 +198,13 @@ def export(name: str, workdir: Path, directory: Path) -> int:
         "test_images": scores["test"]["images"],
         "test_bpd_first256": round(float(scores["test"]["per_image"][:256].mean()), 5),
         "evaluation": f"{config['model_config'].get('dequantization', 'uniform')} dequantization (one sample per "
-                      f"image, K = 1) with the run's eval key, python -m experiments.evaluate_flow --model {name}",
+                      f"image, K = 1) with the run's eval key, python -m experiments.evaluate_flow --model "
+                      f"{name if directory == pretrained.SHIPPED_DIR else directory / f'{name}.msgpack'}",
         "parameters": int(sum(x.size for x in jax.tree.leaves(state.ema_params))),
-        "validation_curve": validation_curve(workdir / "metrics.jsonl"),
+        "validation_curve": validation_curve(workdir / layout.METRICS),
     }
-    if (workdir / "init_card.json").exists():  # the card of the weights this run started from
-        card["initialized_from"] = json.loads((workdir / "init_card.json").read_text())
+    if (workdir / layout.INIT_CARD).exists():  # the card of the weights this run started from
+        card["initialized_from"] = json.loads((workdir / layout.INIT_CARD).read_text())
         before = card["initialized_from"]
         card["total_wall_seconds"] = round(card["wall_seconds"] + before.get("total_wall_seconds",
                                                                              before.get("wall_seconds", 0)), 1)

@@ -11,9 +11,8 @@ The run trains on the training split (images 0..54999), evaluates the Polyak-ave
 on the validation split (55000..59999) and never reads a test image: `export` (the CLI's
 --export) scores the test set once, for the card.
 
-Workdir: config.json, history.jsonl (one row per stage), metrics.jsonl, checkpoints/<step>/,
-init_card.json (the card of the weights it started from, with `init_from`), final.json once
-`steps` are done.
+The workdir's layout (config.json, history.jsonl, metrics.jsonl, checkpoints/, init_card.json,
+final.json) is `jaxdnn.workdir`'s.
 """
 
 from __future__ import annotations
@@ -27,41 +26,16 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from jaxdnn import train
+from jaxdnn import pretrained, train
 from jaxdnn.config import Field, check_config
 from jaxdnn.data import batches, load_mnist
 from jaxdnn.distributed import from_every_process, is_main
 from jaxdnn.flows import build_model
+from jaxdnn.workdir import CONFIG, FINAL, HISTORY, INIT_CARD, METRICS, checkpoint_manager, restore_latest, save
 
 SYNC_EVERY = 10  # steps between agreements on stopping and checkpointing (more than one process)
-
-
-def checkpoint_manager(workdir: str | Path) -> ocp.CheckpointManager:
-    """The workdir's orbax checkpoints: items "state" (a `train.TrainState`) and "extra" (JSON)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                                 item_names=("state", "extra"))
-
-
-def save(manager: ocp.CheckpointManager, state: train.TrainState, extra: dict) -> None:
-    """Saves `state` at its step unless saved already (every process calls it; orbax writes
-    once, atomically)."""
-    if int(state.step) in manager.all_steps():
-        return
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          extra=ocp.args.JsonSave(extra)), force=True)
-
-
-def restore(manager: ocp.CheckpointManager, target) -> tuple[train.TrainState, dict]:
-    """The latest checkpoint, restored onto `target` (a `train.TrainState` of
-    `jax.ShapeDtypeStruct`s with the shardings of the current mesh)."""
-    out = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-    return train.TrainState(*out["state"]), dict(out["extra"])
 
 
 def _agree(*flags: bool) -> tuple[bool, ...]:
@@ -95,7 +69,6 @@ def default_config(model: str, init_from: str | None = None, **overrides) -> dic
     model config is the source's (a variational dequantizer may join one trained with uniform
     noise: `DEQUANTIZER_KEYS`) and the run starts at the source's step. Raises ValueError
     (unknown key with its nearest name, type, range) in one line."""
-    from jaxdnn import pretrained
     from jaxdnn.flows import config_schema
 
     model_schema = config_schema(model)
@@ -138,7 +111,7 @@ def check_run_config(config: dict) -> dict:
 def _check_workdir(workdir: Path, config: dict) -> None:
     """A workdir resumes only the run it holds: any difference but a larger `steps` is an error
     naming the keys (old -> new)."""
-    path = workdir / "config.json"
+    path = workdir / CONFIG
     if not path.exists():
         return
     old = check_run_config(json.loads(path.read_text()))
@@ -179,20 +152,14 @@ def setup(config: dict, workdir: str | Path, train_images: np.ndarray | None = N
     if cfg["batch_size"] % mesh.size:
         raise ValueError(f"batch_size {cfg['batch_size']} must be a multiple of the {mesh.size} devices")
     init_key = train.run_keys(cfg["seed"])["init"]
-    with checkpoint_manager(workdir) as manager:
-        if manager.latest_step() is not None:  # the checkpoint's shapes, with no data-dependent init
-            abstract = jax.eval_shape(lambda: train.init_state(model, init_key, np.zeros((1, 28, 28), np.uint8),
-                                                               optimizer))
-            replicated = NamedSharding(mesh, PartitionSpec())
-            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-            return model, optimizer, *restore(manager, target), mesh
+    resumed = restore_latest(config, workdir, optimizer, mesh)
+    if resumed is not None:
+        return model, optimizer, *resumed, mesh
     if train_images is None:
         return model, optimizer, None, None, mesh
     init_batch = train_images[np.random.default_rng(cfg["seed"]).permutation(len(train_images))[:512]]
     params = None
     if config.get("init_from"):
-        from jaxdnn import pretrained
-
         params = pretrained.load(config["init_from"])[1]
     state = train.init_state(model, init_key, init_batch, optimizer, params, config["init_step"])
     return model, optimizer, train.replicate(state, mesh), {"wall_seconds": 0.0}, mesh
@@ -213,18 +180,16 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
     model, optimizer, state, extra, mesh = setup(config, workdir, train_images)
     keys = train.run_keys(cfg["seed"])
     start, wall = int(state.step), extra["wall_seconds"]
-    log_path = workdir / "metrics.jsonl"
+    log_path = workdir / METRICS
     if is_main():
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(config, indent=2))
-        fresh = not (workdir / "history.jsonl").exists()
+        (workdir / CONFIG).write_text(json.dumps(config, indent=2))
+        fresh = not (workdir / HISTORY).exists()
         kept = [] if fresh or not log_path.exists() else log_path.read_text().splitlines()
         log_path.write_text("".join(ln + "\n" for ln in kept if json.loads(ln)["step"] <= start))
-        _append_stage(workdir / "history.jsonl", command, start, cfg["steps"])
+        _append_stage(workdir / HISTORY, command, start, cfg["steps"])
         if config.get("init_from") and fresh:  # what the run starts from, for its card
-            from jaxdnn import pretrained
-
-            (workdir / "init_card.json").write_text(json.dumps(pretrained.card(config["init_from"]), indent=2))
+            (workdir / INIT_CARD).write_text(json.dumps(pretrained.card(config["init_from"]), indent=2))
         print(f"{config['model']}: {sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"{'at step ' + str(start) if start else 'from step 0'}, {jax.process_count()} "
               f"process(es), {mesh.size} x {jax.devices()[0].platform}", file=sys.stderr)
@@ -302,7 +267,7 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
              "skipped_updates": train.skipped_updates(state)[0],
              "devices": f"{mesh.size} x {jax.devices()[0].device_kind}", "processes": jax.process_count()}
     if is_main():
-        (workdir / "final.json").write_text(json.dumps(final, indent=2))
+        (workdir / FINAL).write_text(json.dumps(final, indent=2))
     return final
 
 

@@ -11,9 +11,18 @@ import numpy as np
 
 from jaxdnn import conditional_mean
 from jaxdnn.data import bits_per_dim
-from jaxdnn.inpainting import DEFAULTS, IMAGE_SHAPE, METHODS, as_flow, inpaint
 from jaxdnn.inpainting.baselines import knn_mean, mean_fill, nearest_neighbor, pixel_mean
-from jaxdnn.inpainting.masks import batch_masks, check_images, check_mask, make_mask, masked_mse, masked_psnr
+from jaxdnn.inpainting.latent import as_flow
+from jaxdnn.inpainting.masks import (
+    IMAGE_SHAPE,
+    batch_masks,
+    check_images,
+    check_mask,
+    make_mask,
+    masked_mse,
+    masked_psnr,
+)
+from jaxdnn.inpainting.methods import DEFAULTS, METHODS, inpaint
 
 __all__ = ["BASELINES", "evaluate"]
 
@@ -130,12 +139,12 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
         per_image[f"psnr_{name}"] = p
     start_value = options.get("init", DEFAULTS[method].get("init", 0.0))
     if labels is not None:
-        from jaxdnn.inpainting import plausibility
+        from jaxdnn.inpainting.plausibility import predict as read_digits
 
         labels = np.asarray(labels).reshape(-1)
         floor = jnp.where(masks_b, images, 0.0)
         read = {"method": inpainted, **fills, "ceiling": images, "floor": floor}
-        per_image.update({f"correct_{k}": plausibility.predict(v) == labels for k, v in read.items()})
+        per_image.update({f"correct_{k}": read_digits(v) == labels for k, v in read.items()})
     metrics = {"psnr": float(psnr.mean()), "mse": float(mse.mean()),
                "bpd": float(np.mean(np.asarray(bpd, np.float64))), "baselines": baselines, "paired": paired,
                "seconds": time.perf_counter() - t0, "method_seconds": method_seconds}

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
+from jaxdnn import workdir
 from jaxdnn.files import sha256
 from jaxdnn.flows import build_model
 from jaxdnn.flows.distribution import FlowDistribution
@@ -46,7 +47,7 @@ def _kind(source: str | os.PathLike) -> tuple[str, Path]:
         if not path.with_suffix(".json").is_file():
             raise ValueError(f"{path} has no card {path.with_suffix('.json').name} beside it")
         return "file", path
-    if path.is_dir() and (path / "config.json").is_file():
+    if workdir.is_workdir(path):
         return "workdir", path
     raise ValueError(f"{text!r} is neither a shipped model ({', '.join(available())}), an exported "
                      f"weights file (<name>.msgpack with its .json card) nor a training workdir (with config.json)")
@@ -112,25 +113,28 @@ def card(source: str | os.PathLike) -> dict:
     kind, path = _kind(source)
     if kind != "workdir":
         return _card_view(_file_card(path))
-    steps = [int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit()]
+    steps = workdir.checkpoint_steps(path)
     if not steps:
         raise ValueError(f"training workdir {path} has no checkpoint yet")
-    return {**json.loads((path / "config.json").read_text()), "steps": max(steps)}  # read, no backend touched
+    return {**workdir.read_config(path), "steps": steps[-1]}  # read, no backend touched
 
 
 def _restore_workdir(path: Path):
-    from jaxdnn import trainer
+    from jaxdnn import train
 
-    state = trainer.setup(json.loads((path / "config.json").read_text()), path)[2]
-    if state is None:
+    config = workdir.read_config(path)
+    cfg = config["train_config"]
+    optimizer = train.make_optimizer(cfg["lr"], cfg["steps"], cfg["warmup"], cfg["clip"], config["init_step"])
+    resumed = workdir.restore_latest(config, path, optimizer, train.data_mesh())
+    if resumed is None:
         raise ValueError(f"training workdir {path} has no checkpoint yet")
-    return state
+    return resumed[0]
 
 
 @functools.cache
 def _load(kind: str, path: Path):
     if kind == "workdir":
-        info = json.loads((path / "config.json").read_text())
+        info = workdir.read_config(path)
         model = build_model(info["model"], **info["model_config"])
         return model, jax.device_get(_restore_workdir(path).ema_params)
     info = _file_card(path)
