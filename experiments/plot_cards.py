@@ -54,9 +54,9 @@ def main(argv=None) -> int:
             by_time.plot([h for _, h, _ in points], [v for _, _, v in points], "o-", ms=3, label=label)
         print(f"{label}: stage | steps | epochs | hours | validation bpd | test bpd")
         for s in stages(card):
-            print(f"  {s.get('training_command', '')[:60]:<60} | {s.get('init_step', 0)}->{s['steps']} | "
+            print(f"  {s.get('command', s.get('training_command', ''))[:60]:<60} | {s.get('init_step', 0)}->{s['steps']} | "
                   f"{s.get('epochs', float('nan')):.1f} | {s.get('wall_seconds', 0) / 3600:.2f} | "
-                  f"{s.get('val_bpd', float('nan')):.4f} | {s.get('test_bpd', float('nan')):.4f}")
+                  f"{_metric(s, 'val_bpd'):.4f} | {_metric(s, 'test_bpd'):.4f}")
     by_epoch.set(xlabel="epochs", ylabel="validation bits/dim (averaged weights)")
     by_time.set(xlabel="wall hours (2-core CPU)")
     for ax in (by_epoch, by_time):
@@ -66,6 +66,11 @@ def main(argv=None) -> int:
     print(f"figure: {a.out}")
     return 0
 
+
+
+def _metric(card: dict, name: str) -> float:
+    """A card's metric: under "metrics" (the shared card schema) or at the top (cards before it)."""
+    return card.get("metrics", {}).get(name, {}).get("value", card.get(name, float("nan")))
 
 if __name__ == "__main__":
     sys.exit(main())
