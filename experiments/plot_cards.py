@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             by_time.plot([h for _, h, _ in points], [v for _, _, v in points], "o-", ms=3, label=label)
         print(f"{label}: stage | steps | epochs | hours | validation bpd | test bpd")
         for s in stages(card):
-            print(f"  {s.get('command', s.get('training_command', ''))[:60]:<60} | {s.get('init_step', 0)}->{s['steps']} | "
+            command = s.get("command", s.get("training_command", ""))[:60]
+            print(f"  {command:<60} | {s.get('init_step', 0)}->{s['steps']} | "
                   f"{s.get('epochs', float('nan')):.1f} | {s.get('wall_seconds', 0) / 3600:.2f} | "
                   f"{_metric(s, 'val_bpd'):.4f} | {_metric(s, 'test_bpd'):.4f}")
     by_epoch.set(xlabel="epochs", ylabel="validation bits/dim (averaged weights)")

@@ -1,20 +1,21 @@
 """jaxdnn: JAX research code for the mathematics of deep networks, as pure functions.
 
 - `jaxdnn.flows`: NICE, RealNVP and Glow (Flax modules with exact log-determinants) and the
-  flow as a distrax Distribution/Bijector; `jaxdnn.pretrained`: shipped weights, `load(...)`.
-- `jaxdnn.inpainting`: filling missing pixels with a flow (pixel- and latent-space methods).
+  flow as a distrax Distribution/Bijector; `jaxdnn.pretrained`: every shipped file (flows, the
+  classifier, the conditional-mean regressor) with its card, `load(...)`.
+- `jaxdnn.inpainting`: filling missing pixels with a flow (pixel- and latent-space methods);
+  `jaxdnn.conditional_mean`: a supervised regressor of the missing pixels, a baseline.
 - `jaxdnn.estimators`, `jaxdnn.vae`, `jaxdnn.sgd_tricks`: score-function and pathwise gradients.
 - `jaxdnn.projection`: projected gradient methods; `jaxdnn.gamblers_ruin`: importance sampling
   against the exact dynamic program.
-- `jaxdnn.train` / `jaxdnn.trainer`: training a flow; `jaxdnn.data`: MNIST, checksummed.
+- `jaxdnn.train` / `jaxdnn.trainer`: training a flow (`jaxdnn.workdir`: a run's folder);
+  `jaxdnn.data`: MNIST, checksummed.
 
 The derivations are in docs/problems.md; `python -m experiments.<name>` runs each problem.
 
 One side effect at import, on CPU only: jaxdnn appends `XLA_CPU_FLAGS` to XLA_FLAGS, which routes
-CPU convolutions and reductions to XLA's own kernels instead of YNNPACK. A RealNVP train step
-(batch 64) runs about 1.25x faster with it on this project's 2-core x86 VM (322 and 344 against
-262 and 265 images/s in two interleaved pairs of `python -m benchmarks --only flow_train_step`
-with and without JAXDNN_XLA_DEFAULTS=0, docs/performance.md). It is read when JAX starts its backend (import
+CPU convolutions and reductions to XLA's own kernels instead of YNNPACK, faster for the flows'
+train steps (docs/performance.md measures it). It is read when JAX starts its backend (import
 jaxdnn before running any JAX computation) and skipped when XLA_FLAGS already sets it or
 JAXDNN_XLA_DEFAULTS=0. Only jaxlib versions known to have the flag get it
 (`XLA_CPU_FLAGS_JAXLIB`): XLA aborts on a flag it does not know.

@@ -4,6 +4,7 @@ repository, and load errors that name the file and what is wrong."""
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,15 @@ def test_every_card_command_names_code_in_the_repository(path):
         parts = module.group(1).split(".")
         assert (ROOT.joinpath(*parts).with_suffix(".py").is_file()
                 or (ROOT.joinpath(*parts) / "__init__.py").is_file()), command
+
+
+def test_no_tracked_file_points_at_scratch_or_a_machine_path():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    pattern = r"/work/|/home/|/Users/|/tmp/[a-z]|scratch/|/scratch|scratch [a-z_]+\.py"
+    out = subprocess.run(["git", "grep", "-n", "-E", "-I", pattern, "--", ".", ":!tests/test_pretrained.py"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1, out.stdout[:2000]  # git grep: 1 = no match
 
 
 def test_a_truncated_weights_file_is_named(tmp_path):

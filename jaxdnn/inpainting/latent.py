@@ -22,8 +22,7 @@ points decode to typical digits, and the decoder keeps every candidate on the fl
   and the estimate weighs every round's fills.
   A flow trained with variational dequantization encodes each neighbour's pixels as its own
   dequantizer places them inside their bins (`Flow.dequantize`): its density sits where q put
-  the noise, and searches from pixel centres drift off (validation, top_half, 20 images: 1.8 dB
-  under the neighbours' mean after 60 steps, against 0.46 dB over it from q's noise).
+  the noise, and searches started from pixel centres drift off.
 
 Both end with the projection onto C (observed pixels exact, values clipped to [0, 1]). Every
 step is E's gradient through the decoder, so one step costs about one pixel-space step.
@@ -48,7 +47,7 @@ __all__ = ["LATENT_DEFAULTS", "LATENT_MAP_DEFAULTS", "Flow", "as_flow", "latent"
 
 # Observation noise std s (pixel units), Adam step and prior weight of E; for `latent` also the
 # searches per image, the std of random starts (no reference set) and the temperature T of the
-# weights softmax(-E / T). Chosen on the validation split (docs/inpainting.md, "Settings").
+# weights softmax(-E / T). Chosen on the validation split (docs/inpainting.md, "Methods").
 LATENT_MAP_DEFAULTS = {"lr": 0.05, "noise_std": 0.1, "prior_weight": 1.0}
 LATENT_DEFAULTS = {"lr": 0.05, "noise_std": 0.05, "prior_weight": 1.0, "starts": 32, "rounds": 1, "init_scale": 0.7,
                    "temperature": 200.0}

@@ -36,7 +36,7 @@ DEFAULTS = {"pgd": PGD_DEFAULTS, "annealed": ANNEALED_DEFAULTS, "langevin": LANG
             "latent_map": LATENT_MAP_DEFAULTS, "latent": LATENT_DEFAULTS}
 STEPS = {"pgd": 300, "annealed": 300, "langevin": 300, "latent_map": 120, "latent": 15}  # per search
 # ... and where a flow type has its own: Glow's latent searches drift off after a few steps, so
-# they stop earlier (chosen on the validation split, docs/inpainting.md "Settings").
+# they stop earlier (chosen on the validation split, docs/inpainting.md, "Methods").
 FLOW_STEPS = {("latent", "Glow"): 10}
 _COUNTS = {"chains", "starts", "rounds"}  # integer options (static: they set shapes or loop counts)
 

@@ -25,10 +25,6 @@ so observed pixels come out of every step bit-for-bit equal to X_true:
 Gradients are made finite (NaN -> 0, +-inf -> +-float max) before the step and a
 non-finite update leaves its pixel unchanged; for finite gradients both are the identity, so
 ``pgd`` is exactly the course's iteration, and no NaN can reach the projection.
-
-Gradients are made finite (NaN -> 0, +-inf -> +-float max) before the step and a
-non-finite update leaves its pixel unchanged; for finite gradients both are the identity, so
-``pgd`` is exactly the course's iteration, and no NaN can reach the projection.
 """
 
 from __future__ import annotations
