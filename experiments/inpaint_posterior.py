@@ -1,123 +1,199 @@
-"""Posterior completions with uncertainty: `python -m experiments.inpaint_posterior --model realnvp
---mask top_half,center --split validation --images 0:32 [--temperature inf,1000,300,100]
-[--calibrate 100:200] [--json]`.
+"""The flow's posterior scored as a distribution on real digits, beside two baselines scored the
+same way: `python -m experiments.inpaint_posterior --model realnvp --mask top_half,strokes
+--split test --images 0:16 [--observation bins|noisy|downsample] [--json]`.
 
-For each mask: the `latent` method's searches as a weighted sample (`inpaint_posterior`), scored
-at each temperature of the weights: PSNR of the weighted mean over the missing pixels, the
-fraction of true missing pixels inside the per-pixel 90% interval (calibration: 0.90 is the
-target) and its mean width, the mean effective sample size; beside knn_mean over as many
-neighbours as starts. With `--calibrate`, the intervals are widened by the split-conformal margin
-(`Posterior.interval_margin`) computed on that range of validation images (disjoint from the
-scored ones), and the coverage and width of the calibrated intervals are reported too.
-Writes a figure per mask: the first 10 images, observed pixels, the weighted mean and the
-per-pixel standard deviation (at the first temperature), and each image's 5 completions of the
-largest weights at the default temperature.
+For each mask, each image's K samples (`inpaint_posterior`, temperature 1, chains started from
+the training images nearest on the observed pixels) and two ensembles of K:
+- knn: the K training images nearest on the observed pixels (observed pixels kept);
+- network+gaussian: the conditional-mean network's fill (`jaxdnn.conditional_mean`) plus
+  Gaussian noise whose per-pixel std is the network's root-mean-square error at that pixel on
+  validation images 0..499 (the same mask), clipped to [0, 1]. With downsampling (the network
+  never saw it) the nearest-upsampled observation stands in for the network's fill.
+Scores over the unobserved pixels, per image: the fair CRPS and energy score (lower is better),
+raw coverage and width of the 90% intervals, PSNR of the ensemble mean, the classifier's
+accuracy over the samples and the Brier score of its mean probabilities against the true digit.
+Paired differences flow - baseline, mean +- 2 SE over the images.
+
+Observations: bins (the observed pixels' 8-bit values, the default), noisy (masked pixels plus
+N(0, 0.1^2)), downsample (2x2 block means plus N(0, 0.05^2), every pixel scored; --mask unused).
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import time
-from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import ArgumentParser, fail, print_json, save_figure
 from experiments.inpaint import choice_list, figure, parse_range, split_range_error
+from jaxdnn import conditional_mean, pretrained
 from jaxdnn import inpainting as ip
-from jaxdnn import pretrained
+from jaxdnn.data import load_mnist, to_unit_interval
+from jaxdnn.inpainting import plausibility
+from jaxdnn.inpainting.masks import MASKS, UNSEEN_MASKS
+from jaxdnn.inpainting.posterior import POSTERIOR_DEFAULTS, crps, energy_score, inpaint_posterior
 
 PROG = "python -m experiments.inpaint_posterior"
+NOISE = {"bins": 0.0, "noisy": 0.1, "downsample": 0.05}
+CALIBRATION_IMAGES = 500  # validation images 0..499 fit the network's per-pixel std
+
+
+def _pool(x):
+    return x.reshape(x.shape[0], 14, 2, 14, 2, 1).mean((2, 4))
+
+
+def observe(images, masks, observation: str, key):
+    """(what the sampler is given, the mask it is given (None when downsampling), scored pixels)."""
+    if observation == "bins":
+        return images, masks, masks
+    noise = NOISE[observation] * jax.random.normal(key, images.shape if observation == "noisy" else
+                                                   (images.shape[0], 14, 14, 1))
+    if observation == "noisy":
+        return images + noise, masks, masks
+    return _pool(images) + noise, None, jnp.zeros_like(masks)
+
+
+def ensembles(images, masks, given, observation, k, train, network_std, key):
+    """The two baselines' K-member ensembles (B, K, 28, 28, 1)."""
+    guide = given if observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2).clip(0, 1)
+    observed = masks if observation != "downsample" else jnp.ones_like(masks)
+    idx = ip.nearest_training_images(guide.clip(0, 1), observed, train, k=k)
+    knn = jnp.where(observed[:, None] & (observation == "bins"), images[:, None], train[idx])
+    if observation == "downsample":
+        fill = guide
+    else:
+        fill = conditional_mean.predict(given.clip(0, 1), masks)
+    noise = network_std[None, None] * jax.random.normal(key, (images.shape[0], k, *images.shape[1:]))
+    net = jnp.clip(fill[:, None] + noise, 0.0, 1.0)
+    net = jnp.where(observed[:, None] & (observation == "bins"), images[:, None], net)
+    return {"knn": knn, "network+gaussian": net}
+
+
+def network_std(mask_name: str, observation: str, key) -> jnp.ndarray:
+    """Per-pixel RMS error of the network's fill (nearest upsampling when downsampling) on
+    validation images 0..499 where the pixel is scored; 0.1 where never scored."""
+    val = to_unit_interval(load_mnist("validation")[0][:CALIBRATION_IMAGES])
+    masks = ip.batch_masks(mask_name, np.arange(CALIBRATION_IMAGES), jax.random.fold_in(key, 10**6))
+    given, m, scored = observe(val, masks, observation, jax.random.fold_in(key, 10**6 + 1))
+    if observation == "downsample":
+        fill = jnp.repeat(jnp.repeat(given, 2, 1), 2, 2).clip(0, 1)
+    else:
+        fill = conditional_mean.predict(given.clip(0, 1), m)
+    free = ~scored
+    sq = jnp.where(free, (fill - val) ** 2, 0.0).sum(0)
+    count = free.sum(0)
+    return jnp.where(count > 0, jnp.sqrt(sq / jnp.maximum(count, 1)), 0.1)
+
+
+def scores(samples, truth, scored, labels) -> dict[str, np.ndarray]:
+    """Per-image scores (B,) of an ensemble (B, K, ...) over the unscored (missing) pixels."""
+    miss = ~np.broadcast_to(np.asarray(scored), truth.shape)
+    s, y = np.asarray(samples), np.asarray(truth)
+    lo, hi = np.quantile(s, 0.05, axis=1), np.quantile(s, 0.95, axis=1)
+    per = lambda a: np.array([a[i][miss[i]].mean() for i in range(len(a))])
+    mean = s.mean(1)
+    mse = per((mean - y) ** 2)
+    b, k = s.shape[:2]
+    probs = plausibility.predict_proba(s.reshape(b * k, *s.shape[2:])).reshape(b, k, -1)
+    onehot = np.eye(probs.shape[-1])[np.asarray(labels)]
+    return {"crps": np.asarray(crps(samples, truth, scored)),
+            "energy": np.asarray(energy_score(samples, truth, scored)),
+            "coverage90": per((lo <= y) & (y <= hi)), "width90": per(hi - lo),
+            "psnr": -10 * np.log10(np.maximum(mse, 1e-10)),
+            "accuracy": (probs.argmax(-1) == np.asarray(labels)[:, None]).mean(1),
+            "brier": ((probs.mean(1) - onehot) ** 2).sum(-1)}
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    d = a - b
+    return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="realnvp", metavar="SOURCE", help="shipped name, .msgpack or workdir")
-    p.add_argument("--mask", default=["top_half", "center"], type=choice_list(ip.MASKS), metavar="NAME[,NAME...]")
+    p.add_argument("--mask", default=list(MASKS + UNSEEN_MASKS), type=choice_list(MASKS + UNSEEN_MASKS),
+                   metavar="NAME[,NAME...]")
+    p.add_argument("--observation", default="bins", choices=tuple(NOISE))
     p.add_argument("--split", default="validation", choices=("validation", "test"))
-    p.add_argument("--images", type=parse_range, default=(0, 32), metavar="START:STOP")
-    p.add_argument("--starts", type=int, default=ip.LATENT_DEFAULTS["starts"], help="searches per image")
-    p.add_argument("--temperature", default=f"{ip.LATENT_DEFAULTS['temperature']:g},inf,1000,300,100,30",
-                   metavar="T[,T...]",
-                   help="weight temperatures to score (default: the method's, then a sweep; inf = equal weights)")
-    p.add_argument("--calibrate", type=parse_range, default=None, metavar="START:STOP",
-                   help="validation images to calibrate the 90%% intervals on (conformal margin)")
+    p.add_argument("--images", type=parse_range, default=(0, 16), metavar="START:STOP")
+    for name in ("chains", "warmup", "draws", "leapfrog"):
+        p.add_argument(f"--{name}", type=int, default=POSTERIOR_DEFAULTS[name])
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    try:
-        temperatures = [float(t) for t in a.temperature.split(",")]
-    except ValueError:
-        fail(PROG, f"--temperature must be numbers, got {a.temperature!r}")
-    if not temperatures or not all(t > 0 for t in temperatures):
-        fail(PROG, f"--temperature must be > 0, got {a.temperature!r}")
-    if a.starts < 2:
-        fail(PROG, f"--starts must be >= 2, got {a.starts}")
     if split_range_error(a.images, a.split):
         fail(PROG, split_range_error(a.images, a.split))
-    if a.calibrate is not None:
-        if split_range_error(a.calibrate, "validation"):
-            fail(PROG, "--calibrate: " + split_range_error(a.calibrate, "validation"))
-        if a.split == "validation" and max(a.images[0], a.calibrate[0]) < min(a.images[1], a.calibrate[1]):
-            fail(PROG, f"--calibrate {a.calibrate[0]}:{a.calibrate[1]} overlaps the scored validation images "
-                       f"{a.images[0]}:{a.images[1]}")
     try:
         flow = pretrained.load_distribution(a.model)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         fail(PROG, f"--model: {e}")
-    from jaxdnn.data import load_mnist, to_unit_interval
-
-    try:
-        x = np.asarray(to_unit_interval(load_mnist(a.split)[0][a.images[0]:a.images[1]]))
-        train = to_unit_interval(load_mnist("train")[0])
-        held = None if a.calibrate is None else np.asarray(
-            to_unit_interval(load_mnist("validation")[0][a.calibrate[0]:a.calibrate[1]]))
-    except OSError as e:
-        fail(PROG, f"MNIST is not available: {e}", code=1)
-    out = []
-    for mask_name in a.mask:
-        t0 = time.time()
-        mask = ip.make_mask(mask_name)
-        post = ip.inpaint_posterior(flow, x, mask, reference=train, starts=a.starts, temperature=temperatures[0])
-        knn = float(np.mean(ip.masked_psnr(ip.knn_mean(x, mask, train, k=a.starts), x, mask)))
-        held_post = None if held is None else ip.inpaint_posterior(flow, held, mask, reference=train, starts=a.starts)
-        rows = []
-        for t in temperatures:
-            weighted = post.at_temperature(t)
-            rows.append({"temperature": t if math.isfinite(t) else "inf",
-                         "psnr": float(np.mean(ip.masked_psnr(weighted.mean, x, mask))),
-                         "coverage90": weighted.coverage(x, mask), "width90": weighted.width(mask),
-                         "ess": float(np.mean(weighted.ess))})
-            if held_post is not None:
-                margin = held_post.at_temperature(t).interval_margin(held, mask)
-                rows[-1].update(margin=margin, coverage90_calibrated=weighted.coverage(x, mask, margin=margin),
-                                width90_calibrated=weighted.width(mask, margin=margin))
-        result = {"model": a.model, "mask": mask_name, "split": a.split, "images": f"{a.images[0]}:{a.images[1]}",
-                  "starts": a.starts, "knn_matched_psnr": knn, "by_temperature": rows,
-                  "calibrated_on": None if held is None else f"validation {a.calibrate[0]}:{a.calibrate[1]}",
-                  "seconds": round(time.time() - t0, 1)}
-        out.append(result)
-        samples, _ = post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).heaviest(min(5, a.starts))
-        samples = np.asarray(samples)
-        panels = [("original", x, None), ("observed", np.where(np.asarray(mask), x, 0.5), None),
-                  ("weighted mean", np.asarray(post.mean), None),
-                  ("std x 4", np.clip(4 * np.asarray(post.std), 0, 1), None)]
-        panels += [(f"weight rank {k + 1}", samples[:, k], None) for k in range(samples.shape[1])]
-        path = Path(a.out) / f"posterior_{pretrained.short_name(a.model)}_{mask_name}.png"
-        save_figure(figure(panels, f"{a.model}, {mask_name}, {a.split} images: completions and uncertainty"), path)
+    pixels, labels = load_mnist(a.split)
+    lo, hi = a.images
+    images, labels = to_unit_interval(pixels[lo:hi]), labels[lo:hi]
+    train = to_unit_interval(load_mnist("train")[0])
+    key = jax.random.key(a.seed)
+    masks_run = ["downsample"] if a.observation == "downsample" else a.mask
+    rows = []
+    for name in masks_run:
+        mask_name = "center" if name == "downsample" else name  # unused by downsampling
+        masks = ip.batch_masks(mask_name, np.arange(lo, hi), jax.random.fold_in(key, 1))
+        given, sampler_mask, scored = observe(images, masks, a.observation, jax.random.fold_in(key, 2))
+        t0 = time.perf_counter()
+        observed = sampler_mask if sampler_mask is not None else jnp.ones_like(masks)
+        guide = given if a.observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2)
+        starts = train[ip.nearest_training_images(guide.clip(0, 1), observed, train, k=a.chains)]
+        try:
+            post = inpaint_posterior(flow, given if a.observation != "bins" else images, sampler_mask,
+                                     jax.random.fold_in(key, 3), starts=starts, noise_std=NOISE[a.observation],
+                                     downsample=2 if a.observation == "downsample" else 1, chains=a.chains,
+                                     warmup=a.warmup, draws=a.draws, leapfrog=a.leapfrog, progress=not a.json)
+        except ValueError as e:
+            fail(PROG, str(e))
+        seconds = time.perf_counter() - t0
+        base = ensembles(images, masks, given, a.observation, a.chains, train,
+                         network_std(mask_name, a.observation, key), jax.random.fold_in(key, 4))
+        flow_scores = scores(post.samples, images, scored, labels)
+        row = {"mask": name, "seconds": round(seconds, 1), "ess": float(jnp.median(post.ess)),
+               "flow": {k: float(v.mean()) for k, v in flow_scores.items()}, "baselines": {}, "paired": {}}
+        for bname, ens in base.items():
+            bs = scores(ens, images, scored, labels)
+            row["baselines"][bname] = {k: float(v.mean()) for k, v in bs.items()}
+            row["paired"][bname] = {k: paired(flow_scores[k], bs[k]) for k in ("crps", "energy", "psnr", "brier")}
+        rows.append(row)
+        label = f"{a.model}_{name}_{a.observation}_{a.split}"
+        path = save_figure(figure([("observed", np.asarray(jnp.where(observed, guide.clip(0, 1), 0.0)), None),
+                                   *[(f"sample {j}", np.asarray(post.samples[:, j]), None) for j in range(3)],
+                                   ("posterior mean", np.asarray(post.mean), flow_scores["psnr"]),
+                                   ("posterior std x 3", np.asarray(jnp.clip(3 * post.std, 0, 1)), None),
+                                   ("truth", np.asarray(images), None)],
+                                  f"{a.model} posterior (HMC, T = 1), {name}, {a.observation}"),
+                           f"{a.out}/posterior_{label}.png")
+        row["figure"] = str(path)
         if not a.json:
-            print(f"{a.model} {mask_name} ({a.split} {result['images']}, {a.starts} starts): knn_mean of "
-                  f"{a.starts} {knn:.3f} dB; figure {path}")
-            for r in rows:
-                calibrated = ("" if "margin" not in r else f"  calibrated (margin {r['margin']:.3f}): coverage "
-                              f"{r['coverage90_calibrated']:.3f} width {r['width90_calibrated']:.3f}")
-                print(f"  T={r['temperature']:>6}  PSNR {r['psnr']:.3f} dB  90% coverage {r['coverage90']:.3f} width "
-                      f"{r['width90']:.3f}  ESS {r['ess']:.2f}{calibrated}")
+            _report(row)
+    out = {"model": a.model, "observation": a.observation, "split": a.split, "images": [lo, hi],
+           "chains": a.chains, "warmup": a.warmup, "draws": a.draws, "leapfrog": a.leapfrog, "masks": rows}
     if a.json:
         print_json(out)
     return 0
 
 
+def _report(row: dict) -> None:
+    f = row["flow"]
+    print(f"{row['mask']} ({row['seconds']:.0f} s, ESS {row['ess']:.1f}): flow CRPS {f['crps']:.4f} energy "
+          f"{f['energy']:.3f} coverage90 {f['coverage90']:.3f} width {f['width90']:.3f} PSNR {f['psnr']:.2f} "
+          f"accuracy {f['accuracy']:.2f} Brier {f['brier']:.3f}")
+    for name, b in row["baselines"].items():
+        d = row["paired"][name]
+        print(f"   {name:17s} CRPS {b['crps']:.4f} coverage90 {b['coverage90']:.3f} PSNR {b['psnr']:.2f} "
+              f"accuracy {b['accuracy']:.2f} Brier {b['brier']:.3f} | flow - it: CRPS {d['crps']['mean']:+.4f} "
+              f"+- {2 * d['crps']['stderr']:.4f}, PSNR {d['psnr']['mean']:+.2f} +- {2 * d['psnr']['stderr']:.2f}")
+    print(f"   figure {row['figure']}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["IMAGE_SHAPE", "MASKS", "batch_masks", "check_images", "check_mask", "make_mask",
-           "masked_mse", "masked_psnr"]
+__all__ = ["IMAGE_SHAPE", "MASKS", "RANDOM_MASKS", "UNSEEN_MASKS", "batch_masks", "check_images", "check_mask",
+           "make_mask", "masked_mse", "masked_psnr"]
 
 IMAGE_SHAPE = (28, 28, 1)
 MASKS = ("hw10", "top_half", "bottom_half", "left_half", "center", "random50")
+UNSEEN_MASKS = ("strokes", "stripes")  # families no model here was trained or tuned on
+RANDOM_MASKS = ("random50", "strokes")  # drawn from a key, one per image
 PSNR_MSE_FLOOR = 1e-10  # a perfect fill reports 100 dB instead of infinity
 
 
@@ -81,7 +83,9 @@ def make_mask(name: str, key: jax.Array | None = None,
     hw10: rows 5..11, cols 5..19 missing (zero-based [5:12, 5:20], the course's mask);
     top_half / bottom_half / left_half: that half missing; center: the centred (H/2 x W/2)
     square (14 x 14 on MNIST) missing; random50: exactly half the pixels missing, chosen
-    uniformly from `key` (the same pixels in every channel)."""
+    uniformly from `key` (the same pixels in every channel). Two families no model here was
+    trained on (`UNSEEN_MASKS`): strokes: four random line segments of width ~2.5 pixels missing
+    (`key`); stripes: rows in alternate bands of three missing (rows 3..5, 9..11, ...)."""
     h, w, c = shape
     missing = np.zeros((h, w), bool)
     if name == "hw10":
@@ -103,8 +107,20 @@ def make_mask(name: str, key: jax.Array | None = None,
         order = jax.random.permutation(key, h * w)
         observed = jnp.zeros(h * w, bool).at[order[: h * w - (h * w) // 2]].set(True)
         return jnp.broadcast_to(observed.reshape(h, w, 1), (h, w, c))
+    elif name == "stripes":
+        missing[(np.arange(h) // 3) % 2 == 1] = True
+    elif name == "strokes":
+        if key is None:
+            raise ValueError("mask 'strokes' needs a key")
+        ends = jax.random.uniform(key, (4, 2, 2)) * jnp.array([h - 1, w - 1])
+        rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+        points = jnp.stack([rows, cols], -1).reshape(-1, 1, 2).astype(jnp.float32)
+        a, b = ends[:, 0], ends[:, 1]  # (4, 2) each
+        along = jnp.clip(((points - a) * (b - a)).sum(-1) / jnp.maximum(((b - a) ** 2).sum(-1), 1e-6), 0.0, 1.0)
+        dist = jnp.linalg.norm(points - (a + along[..., None] * (b - a)), axis=-1).min(-1)
+        return jnp.broadcast_to((dist > 1.25).reshape(h, w, 1), (h, w, c))
     else:
-        raise ValueError(f"unknown mask {name!r}; choose from {list(MASKS)}")
+        raise ValueError(f"unknown mask {name!r}; choose from {list(MASKS + UNSEEN_MASKS)}")
     return jnp.broadcast_to(jnp.asarray(~missing)[..., None], (h, w, c))
 
 
@@ -113,9 +129,9 @@ def batch_masks(name: str, indices, key: jax.Array | None = None,
     """Masks (N, H, W, C) for the images numbered `indices`: `random50` draws image i's mask
     from fold_in(key, i), so it does not depend on which range is processed."""
     indices = np.asarray(indices, np.int64).reshape(-1)
-    if name == "random50":
+    if name in RANDOM_MASKS:
         if key is None:
-            raise ValueError("mask 'random50' needs a key")
+            raise ValueError(f"mask {name!r} needs a key")
         return jnp.stack([make_mask(name, jax.random.fold_in(key, int(i)), shape)
                           for i in indices]) if indices.size else jnp.zeros((0, *shape), bool)
     one = make_mask(name, None, shape)

@@ -20,7 +20,7 @@ from flax import linen as nn
 from jaxdnn.inpainting.masks import check_images
 from jaxdnn.pretrained.store import SHIPPED_DIR, read_card, read_weights
 
-__all__ = ["DigitClassifier", "accuracy", "load", "predict", "train"]
+__all__ = ["DigitClassifier", "accuracy", "load", "predict", "predict_proba", "train"]
 
 WEIGHTS, CARD = SHIPPED_DIR / "classifier.msgpack", SHIPPED_DIR / "classifier.json"
 
@@ -85,8 +85,8 @@ def _logits(params, x):
     return DigitClassifier().apply(params, x)
 
 
-def predict(images, params=None, batch_size: int = 1000) -> np.ndarray:
-    """Predicted digits (N,) of float images (N, 28, 28, 1) in [0, 1] (completions, originals)."""
+def predict_proba(images, params=None, batch_size: int = 1000) -> np.ndarray:
+    """The classifier's digit probabilities (N, 10) of float images (N, 28, 28, 1) in [0, 1]."""
     images = check_images(images, "images")
     params = load() if params is None else params
     n, out = images.shape[0], []
@@ -94,8 +94,13 @@ def predict(images, params=None, batch_size: int = 1000) -> np.ndarray:
         chunk = images[lo:lo + batch_size]
         pad = batch_size - chunk.shape[0] if n > batch_size else 0  # one compiled shape for long inputs
         padded = jnp.concatenate([chunk, jnp.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-        out.append(np.asarray(jnp.argmax(_logits(params, padded), -1))[: chunk.shape[0]])
+        out.append(np.asarray(jax.nn.softmax(_logits(params, padded), -1))[: chunk.shape[0]])
     return np.concatenate(out)
+
+
+def predict(images, params=None, batch_size: int = 1000) -> np.ndarray:
+    """Predicted digits (N,) of float images (N, 28, 28, 1) in [0, 1] (completions, originals)."""
+    return predict_proba(images, params, batch_size).argmax(-1)
 
 
 def accuracy(images, labels, params=None) -> float:
