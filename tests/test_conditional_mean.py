@@ -55,6 +55,7 @@ def test_random_masks_take_turns_over_three_families():
         cm.random_masks(jax.random.key(0), 4, named=5)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_training_is_deterministic_and_learns():
     images = one_pattern(64)
     losses = []
@@ -69,6 +70,7 @@ def test_training_is_deterministic_and_learns():
         cm.train(images, 5, model=TINY, warmup=5)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_the_refiner_starts_at_zero_and_trains_alone_on_request():
     """A fresh refiner adds nothing (its last convolution is zero): the estimates are the dense
     core's alone; trainable="refiner" moves the refiner's weights and leaves the core's bit for bit."""
@@ -88,6 +90,7 @@ def test_the_refiner_starts_at_zero_and_trains_alone_on_request():
         cm.train(one_pattern(8), 2, model=TINY, warmup=1, trainable="refiner")
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_weights_of_the_core_alone_load_with_a_zero_refiner(tmp_path):
     """Files written before the refiner (the dense core's weights only) load and estimate as before."""
     core = cm.ConditionalMeanNet(refiner=0)
@@ -102,6 +105,7 @@ def test_weights_of_the_core_alone_load_with_a_zero_refiner(tmp_path):
                                rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_the_refiner_width_is_read_from_the_weights(tmp_path):
     """A refiner of any width loads as it was trained (`model_of` reads its channels); a core alone
     takes a zero refiner of the width asked for; a width that does not match the file is refused."""
@@ -127,6 +131,7 @@ def test_the_refiner_width_is_read_from_the_weights(tmp_path):
     assert cm.model_of(core).refiner == 0
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_the_core_shape_is_read_from_the_weights(tmp_path):
     """`model_of` reads a core's width and depth from its weights, so members of other shapes load
     and predict as they were trained; dropout leaves no weights and is whatever is asked."""
@@ -140,6 +145,7 @@ def test_the_core_shape_is_read_from_the_weights(tmp_path):
     assert cm.model_of(cm.load(path)) == net.clone(refiner=cm.REFINER)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_a_unet_member_loads_as_trained_and_joins_an_ensemble(tmp_path):
     """A UNetMeanNet's channels and bottleneck are read from its weights; it loads with no refiner
     added (a refiner asked of it is refused), predicts as trained through float16, and averages with
@@ -166,6 +172,7 @@ def test_a_unet_member_loads_as_trained_and_joins_an_ensemble(tmp_path):
 
 
 @pytest.mark.parametrize("objective", cm.OBJECTIVES)
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(objective):
     images = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype(np.float32)
     first = []
@@ -187,6 +194,7 @@ def test_the_objective_is_the_pooled_mse_or_the_mean_log_mse_of_the_batch(object
         cm.train(images, 2, model=TINY, warmup=1, objective="l1")
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_weights_round_trip_through_float16(tmp_path):
     params = TINY.init(jax.random.key(0), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path = tmp_path / "w.msgpack"
@@ -197,8 +205,8 @@ def test_weights_round_trip_through_float16(tmp_path):
     path.write_bytes(cm.to_bytes(wrong))  # a dense core that does not read (image, mask) pairs
     with pytest.raises(ValueError, match="not of the shipped network's shapes"):
         cm.load(str(path))
-    full = cm.ConditionalMeanNet()
-    params = full.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
+    small = cm.ConditionalMeanNet(width=64, refiner=4)  # the shipped kind, smaller: the same round trip
+    params = small.init(jax.random.key(1), jnp.zeros((1, 784)), jnp.ones((1, 784), bool))
     path.write_bytes(cm.to_bytes(params))
     back = cm.load(str(path))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
@@ -206,6 +214,7 @@ def test_weights_round_trip_through_float16(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_predict_keeps_the_observed_pixels_and_checks_its_input():
     x = jnp.asarray(to_unit_interval(np.random.default_rng(0).integers(0, 256, (3, 28, 28), np.uint8)))
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
@@ -219,6 +228,7 @@ def test_predict_keeps_the_observed_pixels_and_checks_its_input():
 
 
 @pytest.mark.mnist
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_the_shipped_network_reproduces_its_card(optimized_xla):
     """Every member trained on the training split only; on the card's validation images the
     ensemble scores what the card says."""
@@ -265,6 +275,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(argv, match, capsys):
     assert exit_.value.code == 2 and err.count("\n") == 1 and match in err, err
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     """Three steps on synthetic data from given weights: the weights it writes (float32, what
     --init-from reads) and a card naming its start by hash, with every mask's validation scores."""
@@ -292,6 +303,7 @@ def test_cli_continues_trains_and_scores(monkeypatch, tmp_path, capsys):
     assert not np.allclose(jax.tree.leaves(trained)[0], jax.tree.leaves(cm.load(str(start)))[0])
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsys):
     """--width, --depth, --dropout and --refiner 0 shape a fresh network; its card says so and its
     weights load as that network."""
@@ -310,6 +322,7 @@ def test_cli_trains_a_fresh_core_of_the_shape_asked(monkeypatch, tmp_path, capsy
                                                                               refiner=0)
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_cli_trains_a_fresh_unet_member(monkeypatch, tmp_path, capsys):
     """--unet CHANNELS (--width its bottleneck) trains a fresh UNetMeanNet; its card names it and
     its weights load as that network; a refiner cannot be taken from it."""
@@ -329,6 +342,7 @@ def test_cli_trains_a_fresh_unet_member(monkeypatch, tmp_path, capsys):
     assert exit_.value.code == 2 and "without a refiner" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 5 s on 2 cores, or reads the shipped weights
 def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
     """--ship 1, then --ship 2 (another seed): two float16 files in the package and one card with
     both members' stages and the validation scores of their mean, which `predict` reproduces; a
@@ -380,7 +394,7 @@ def test_an_ensemble_averages_its_members():
     weights that are not one non-negative number per network are refused."""
     x = jnp.asarray(one_pattern(3))
     masks = jnp.stack([ip.make_mask(m) for m in ("hw10", "top_half", "center")])
-    nets = [cm.ConditionalMeanNet(refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
+    nets = [cm.ConditionalMeanNet(width=64, refiner=r).init(jax.random.key(r), jnp.zeros((1, 784)),
                                                          jnp.ones((1, 784), bool)) for r in (2, 4)]
     nets[0] = jax.tree.map(lambda a: a + 0.01, nets[0])  # a refiner that adds something
     one = [np.asarray(cm.predict(x, masks, p)) for p in nets]
