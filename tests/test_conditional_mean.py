@@ -383,6 +383,14 @@ def test_cli_ships_the_members_of_the_ensemble(monkeypatch, tmp_path, capsys):
     assert psnr == pytest.approx(card["metrics"]["psnr_top_half"]["value"], abs=1e-3)
     assert card["metrics"]["psnr_top_half"]["command"] == ("python -m experiments.choose_conditional_mean "
                                                            "--val-images 0:10")
+    from experiments import choose_conditional_mean  # the command the card names reproduces its metrics
+
+    assert choose_conditional_mean.main(["--val-images", "0:10", "--json"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    both = next(r for r in chosen["subsets"] if len(r["members"]) == 2)
+    assert both["weights"] == [0.25, 0.75]
+    for mask, value in both["psnr"].items():
+        assert value == pytest.approx(card["metrics"][f"psnr_{mask}"]["value"], abs=2e-3), mask
     with pytest.raises(SystemExit) as exit_:
         cli.main([*common, "--init-from", str(start), "--ship", "4"])
     assert exit_.value.code == 2 and "ship 3 next" in capsys.readouterr().err

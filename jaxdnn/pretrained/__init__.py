@@ -59,15 +59,16 @@ def short_name(source: str | os.PathLike) -> str:
     return path.name if kind == "workdir" else path.stem
 
 
-def flow_card(info: dict, weights_name: str, weights_sha256: str) -> dict:
+def flow_card(info: dict, weights_name: str, weights_sha256: str, source: str | None = None) -> dict:
     """A flow's card in the shared schema from what `experiments.train_flow --export` gathers (the
     run's config, "training_command", "split", "val_bpd", "test_bpd", ...; also the cards of
-    exports written before this schema): metrics move under "metrics", each with its command."""
+    exports written before this schema): metrics move under "metrics", each with its command
+    (`evaluate_flow --model SOURCE`; `source` defaults to the model's shipped name)."""
     if "kind" in info:
         return info
     info = dict(info)
     name = info["model"]
-    evaluate = f"python -m experiments.evaluate_flow --model {name}"
+    evaluate = f"python -m experiments.evaluate_flow --model {source or name}"
     commands = {"val_bpd": f"{evaluate} --split validation", "val_bpd_stderr": f"{evaluate} --split validation",
                 "test_bpd": evaluate, "test_bpd_stderr": evaluate, "test_bpd_first256": f"{evaluate} --limit 256"}
     metrics = {k: {"value": info.pop(k), "command": c} for k, c in commands.items() if k in info}
@@ -205,6 +206,7 @@ def export(params, info: dict, name: str, directory: str | os.PathLike) -> Path:
     `directory` (`SHIPPED_DIR` ships them with the package: maintainers only); `info` as
     `flow_card` takes it, the card gains the weights' sha256."""
     blob = serialization.to_bytes(jax.device_get(params))
-    card = flow_card(info, f"{name}.msgpack", "0" * 64)
+    shipped = Path(directory).resolve() == SHIPPED_DIR.resolve()
+    card = flow_card(info, f"{name}.msgpack", "0" * 64, None if shipped else str(Path(directory) / f"{name}.msgpack"))
     write(directory, name, {f"{name}.msgpack": blob}, card)
     return Path(directory) / f"{name}.msgpack"
