@@ -85,3 +85,17 @@ def test_a_card_outside_the_schema_is_refused(tmp_path):
         (tmp_path / "c.json").write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=match):
             store.read_card(tmp_path / "c.json")
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_the_classifier_card_is_what_its_metric_command_prints(capsys):
+    """`python -m experiments.train_classifier --score`, the command the classifier's card names
+    for its metrics, prints them."""
+    from experiments import train_classifier
+
+    card = store.shipped_card("classifier")
+    assert {m.command for m in card.metrics.values()} == {"python -m experiments.train_classifier --score"}
+    assert train_classifier.main(["--score"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {k: m.value for k, m in card.metrics.items()}
