@@ -74,7 +74,10 @@ def default_config(model: str, init_from: str | None = None, **overrides) -> dic
     model_schema = config_schema(model)
     init_step = 0
     if init_from is not None:
-        info = pretrained.card(init_from)
+        try:
+            info = pretrained.card(init_from)
+        except ValueError as e:  # the source's own error (a missing, corrupt or mismatched file), under its flag
+            raise ValueError(f"init_from: {e}") from None
         if info["model"] != model:
             raise ValueError(f"init_from {init_from} is a {info['model']}, not a {model}")
         source = {**{k: f.default for k, f in model_schema.items()}, **info["model_config"]}
