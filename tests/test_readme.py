@@ -78,6 +78,7 @@ def test_readme_train_export_continue_recipe_runs(tmp_path, monkeypatch, capsys)
     final = json.loads((tmp_path / "glow_a" / "final.json").read_text())
     assert card["steps"] == 4 and card["val_bpd"] == round(final["val_bpd"], 5)  # rescored: the run's own figure
     assert card["test_images"] == 10000 and np.isfinite(card["test_bpd"])
+    assert card["evaluation"].endswith(f"evaluate_flow --model {tmp_path}/glow_a/export/glow.msgpack")  # the export
     continued = json.loads((tmp_path / "glow_b" / "final.json").read_text())
     assert continued["init_step"] == 4 and continued["steps"] == 7
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 64
