@@ -7,7 +7,7 @@ the training images nearest on the observed pixels) and two ensembles of K:
 - knn: the K training images nearest on the observed pixels (observed pixels kept);
 - network+gaussian: the conditional-mean network's fill (`jaxdnn.conditional_mean`) plus
   Gaussian noise whose per-pixel std is the network's root-mean-square error at that pixel on
-  validation images 0..499 (the same mask), clipped to [0, 1]. With downsampling (the network
+  validation images 4500..4999 (the same mask; never scored here), clipped to [0, 1]. With downsampling (the network
   never saw it) the nearest-upsampled observation stands in for the network's fill.
 Scores over the unobserved pixels, per image: the fair CRPS and energy score (lower is better),
 raw coverage and width of the 90% intervals, PSNR of the ensemble mean, the classifier's
@@ -37,7 +37,7 @@ from jaxdnn.inpainting.posterior import POSTERIOR_DEFAULTS, crps, energy_score, 
 
 PROG = "python -m experiments.inpaint_posterior"
 NOISE = {"bins": 0.0, "noisy": 0.1, "downsample": 0.05}
-CALIBRATION_IMAGES = 500  # validation images 0..499 fit the network's per-pixel std
+CALIBRATION = (4500, 5000)  # validation images that fit the network's per-pixel std
 
 
 def _pool(x):
@@ -73,9 +73,9 @@ def ensembles(images, masks, given, observation, k, train, network_std, key):
 
 def network_std(mask_name: str, observation: str, key) -> jnp.ndarray:
     """Per-pixel RMS error of the network's fill (nearest upsampling when downsampling) on
-    validation images 0..499 where the pixel is scored; 0.1 where never scored."""
-    val = to_unit_interval(load_mnist("validation")[0][:CALIBRATION_IMAGES])
-    masks = ip.batch_masks(mask_name, np.arange(CALIBRATION_IMAGES), jax.random.fold_in(key, 10**6))
+    validation images `CALIBRATION` where the pixel is missing; 0.1 where never missing."""
+    val = to_unit_interval(load_mnist("validation")[0][slice(*CALIBRATION)])
+    masks = ip.batch_masks(mask_name, np.arange(*CALIBRATION) + 10**6, jax.random.fold_in(key, 1))
     given, m, scored = observe(val, masks, observation, jax.random.fold_in(key, 10**6 + 1))
     if observation == "downsample":
         fill = jnp.repeat(jnp.repeat(given, 2, 1), 2, 2).clip(0, 1)
@@ -125,8 +125,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    for name, low in (("chains", 2), ("warmup", 4), ("draws", 1), ("leapfrog", 1)):
+        if getattr(a, name) < low:
+            fail(PROG, f"--{name} must be an integer >= {low}, got {getattr(a, name)}")
     if split_range_error(a.images, a.split):
         fail(PROG, split_range_error(a.images, a.split))
+    if a.split == "validation" and a.images[1] > CALIBRATION[0]:
+        fail(PROG, f"--images {a.images[0]}:{a.images[1]}: validation images {CALIBRATION[0]}.. fit the baseline's "
+                   "noise; score images below them")
     try:
         flow = pretrained.load_distribution(a.model)
     except (ValueError, OSError) as e:

@@ -325,21 +325,12 @@ def test_each_round_starts_from_the_reference_images_nearest_to_the_last_estimat
     flow, x, mask = flow_runs["flow"], flow_runs["x"][:1], flow_runs["mask"]
     reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
     run = functools.partial(ip.inpaint, flow, method="latent", steps=FLOW_STEPS, starts=3, return_losses=True)
-    sample = functools.partial(ip.inpaint_posterior, flow, steps=FLOW_STEPS, starts=3)
     first = run(x, mask, reference=reference, rounds=1)
     nearest = ip.nearest_training_images(first.images, jnp.ones_like(x, bool), reference, 3)[0]
     # from those 3 images alone the first round's neighbours are exactly them
     second = run(x, mask, reference=reference[nearest], rounds=1)
     both = run(x, mask, reference=reference, rounds=2)
     np.testing.assert_allclose(both.losses, np.concatenate([first.losses, second.losses], axis=1), rtol=1e-5)
-    post = sample(x, mask, reference=reference, rounds=2)
-    parts = [sample(x, mask, reference=r, rounds=1) for r in (reference, reference[nearest])]
-    chex.assert_shape(post.samples, (1, 6, 28, 28, 1))
-    np.testing.assert_allclose(post.energy, np.concatenate([p.energy for p in parts], axis=1), rtol=1e-5)
-    np.testing.assert_allclose(post.mean, both.images, atol=1e-6)
-    w = np.asarray(ip.latent.posterior_weights(post.energy, ip.LATENT_DEFAULTS["temperature"]))
-    pooled = (w[:, :, None, None, None] * np.concatenate([p.samples for p in parts], axis=1)).sum(1)
-    np.testing.assert_allclose(both.images, np.where(mask, x, pooled), atol=1e-5)
     assert run(x, mask, jax.random.key(0)).losses.shape == (1, FLOW_STEPS)  # no reference: one round
     with pytest.raises(ValueError, match="pass a reference set"):
         run(x, mask, jax.random.key(0), rounds=2)
@@ -608,73 +599,10 @@ def test_the_missing_pixels_of_the_input_never_leak_into_the_output(flow_runs, m
     np.testing.assert_array_equal(again, flow_runs["runs"][method].images)
 
 
-def test_posterior_samples_weights_and_intervals(flow_runs):
-    """K completions per image, each inside C; at temperature inf the weights are equal and the
-    mean is the `latent` method's fill; lower temperatures favour low energies; the 90%
-    interval holds the weighted mean's neighbourhood and widens with the level."""
-    flow, x, mask = flow_runs["flow"], flow_runs["x"], flow_runs["mask"]
-    reference = jnp.asarray(to_unit_interval(synthetic_pixels(6, 12)))
-    post = ip.inpaint_posterior(flow, x, mask, reference=reference, starts=3, steps=FLOW_STEPS, temperature=np.inf,
-                                rounds=1)
-    chex.assert_shape((post.samples, post.weights, post.mean, post.std, post.ess, post.energy),
-                      ((N_FLOW, 3, 28, 28, 1), (N_FLOW, 3), (N_FLOW, 28, 28, 1), (N_FLOW, 28, 28, 1), (N_FLOW,),
-                       (N_FLOW, 3)))
-    obs = np.broadcast_to(np.asarray(mask), post.samples.shape)
-    originals = np.broadcast_to(np.asarray(x)[:, None], obs.shape)
-    np.testing.assert_array_equal(np.asarray(post.samples)[obs], originals[obs])
-    np.testing.assert_allclose(post.weights, 1 / 3, rtol=1e-6)
-    np.testing.assert_allclose(post.ess, 3.0, rtol=1e-5)
-    latent = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
-                        temperature=np.inf, rounds=1)
-    np.testing.assert_allclose(post.mean, latent, atol=1e-6)
-    default = ip.inpaint(flow, x, mask, None, method="latent", steps=FLOW_STEPS, starts=3, reference=reference,
-                         rounds=1)
-    np.testing.assert_allclose(post.at_temperature(ip.LATENT_DEFAULTS["temperature"]).mean, default, atol=1e-6)
-    cold = post.at_temperature(1e-3)  # all weight on the lowest energy
-    best = np.asarray(post.energy).argmin(1)
-    np.testing.assert_allclose(cold.weights, np.eye(3)[best], atol=1e-6)
-    np.testing.assert_allclose(cold.mean, np.asarray(post.samples)[np.arange(N_FLOW), best], atol=1e-6)
-    samples, weights = cold.heaviest(2)  # largest weight first
-    np.testing.assert_array_equal(samples[:, 0], np.asarray(post.samples)[np.arange(N_FLOW), best])
-    assert np.all(np.diff(np.asarray(weights), axis=1) <= 0) and weights.shape == (N_FLOW, 2)
-    lo90, hi90 = post.interval(0.9)
-    lo50, hi50 = post.interval(0.5)
-    assert np.all(np.asarray(lo90) <= np.asarray(lo50)) and np.all(np.asarray(hi50) <= np.asarray(hi90))
-    assert np.all(np.asarray(post.samples.min(1)) <= np.asarray(lo90))
-    with pytest.raises(ValueError, match="temperature"):
-        ip.inpaint_posterior(flow, x, mask, reference=reference, temperature=0.0)
-    with pytest.raises(ValueError, match="reference set or a key"):
-        ip.inpaint_posterior(flow, x, mask)
-
-
-def test_conformal_margin_widens_intervals_to_the_level_on_held_out_images():
-    """Two equal samples per image (the interval is a point) and targets off by known amounts: the
-    margin is the ceil((n + 1) 0.9)-th smallest miss of the n missing pixels, it covers that many
-    of them, and no smaller margin covers 90%; intervals stay inside [0, 1]."""
-    rng = np.random.default_rng(0)
-    mask = np.ones((2, 28, 28, 1), bool)
-    mask[:, 10:15, 10:14] = False  # 20 missing pixels per image, n = 40
-    guess = np.full((2, 2, 28, 28, 1), 0.5, np.float32)
-    targets = np.full((2, 28, 28, 1), 0.5, np.float32)
-    misses = rng.permutation(np.arange(1, 41)) / 100.0  # distinct misses 0.01 .. 0.40
-    targets[~mask] = 0.5 + misses * np.where(rng.random(40) < 0.5, -1, 1)
-    weights = np.full((2, 2), 0.5, np.float32)
-    post = ip.Posterior(guess, weights, guess[:, 0], np.zeros_like(targets), np.full(2, 2.0), np.zeros((2, 2)))
-    margin = post.interval_margin(targets, mask, 0.9)
-    assert margin == pytest.approx(0.37)  # ceil(41 * 0.9) = 37: the 37th smallest miss
-    assert post.coverage(targets, mask, 0.9, margin) == pytest.approx(37 / 40)
-    assert post.coverage(targets, mask, 0.9, margin - 0.011) < 0.9
-    assert post.coverage(targets, mask) == 0.0
-    assert post.width(mask) == 0.0 and post.width(mask, margin=0.1) == pytest.approx(0.2)
-    lo, hi = post.interval(0.9, margin=0.6)
-    assert float(np.min(lo)) == 0.0 and float(np.max(hi)) == 1.0
-
-
 @pytest.mark.parametrize("argv, match", [
-    (["--calibrate", "0:10"], "overlaps the scored validation images"),
-    (["--temperature", "0,1"], "--temperature must be > 0"),
-    (["--temperature", "hot"], "must be numbers"),
-    (["--starts", "1"], "--starts must be >= 2"),
+    (["--observation", "blurred"], "invalid choice"),
+    (["--mask", "donut"], "choose from"),
+    (["--chains", "1"], "--chains must be an integer >= 2"),
     (["--images", "4990:5010"], "out of range"),
     (["--model", "nowhere"], "neither a shipped model"),
 ])

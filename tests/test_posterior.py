@@ -121,3 +121,65 @@ def test_scores_against_definitions():
     # an ensemble all at the truth scores 0
     at_truth = jnp.repeat(targets[:, None], 5, 1)
     assert float(posterior.crps(at_truth, targets, masks).max()) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny RealNVP (random conditioners) as a FlowDistribution and two synthetic images."""
+    from jaxdnn.flows import build_model
+    from jaxdnn.flows.distribution import FlowDistribution
+
+    model = build_model("realnvp", levels_count=1, pairs=1, hidden=4)
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    params = model.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+    return FlowDistribution(model, params), x
+
+
+RUN = {"chains": 4, "warmup": 4, "draws": 2, "leapfrog": 2}
+
+
+def test_inpaint_posterior_keeps_bins_and_reports(tiny):
+    """K samples per image, binned observed pixels inside their bins, equal weights, finite ESS
+    and acceptance, the mean and std of the samples; starts given or drawn from the flow."""
+    flow, x = tiny
+    mask = jnp.zeros((28, 28, 1), bool).at[:14].set(True)
+    starts = jnp.broadcast_to(x[:, None], (2, 4, 28, 28, 1))
+    post = posterior.inpaint_posterior(flow, x, mask, jax.random.key(3), starts=starts, **RUN)
+    chex.assert_shape((post.samples, post.weights, post.mean, post.ess, post.acceptance),
+                      ((2, 4, 28, 28, 1), (2, 4), (2, 28, 28, 1), (2,), (2,)))
+    chex.assert_tree_all_finite(post)
+    s = np.asarray(post.samples)
+    bins = np.floor(np.asarray(x) * 256)
+    obs = np.broadcast_to(np.asarray(mask), x.shape)
+    assert np.all(np.floor(s * 256)[:, :, obs[0]] == bins[:, None][:, :, obs[0]])
+    np.testing.assert_allclose(post.weights, 0.25)
+    np.testing.assert_allclose(post.mean, s.mean(1), atol=1e-6)
+    lo, hi = post.interval(0.9)
+    assert np.all(np.asarray(lo) <= np.asarray(hi))
+    assert 0.0 <= post.coverage(x, mask) <= 1.0 and post.width(mask) >= 0.0
+    drawn = posterior.inpaint_posterior(flow, x[0], mask, jax.random.key(3), **RUN)  # one image, flow's starts
+    chex.assert_shape(drawn.samples, (1, 4, 28, 28, 1))
+
+
+def test_noisy_and_downsampled_observations_run(tiny):
+    flow, x = tiny
+    mask = jnp.zeros((28, 28, 1), bool).at[:, :14].set(True)
+    noisy = posterior.inpaint_posterior(flow, x + 0.1, mask, jax.random.key(4), noise_std=0.1, **RUN)
+    blocks = x.reshape(2, 14, 2, 14, 2, 1).mean((2, 4))
+    down = posterior.inpaint_posterior(flow, blocks, None, jax.random.key(5), noise_std=0.05, downsample=2, **RUN)
+    chex.assert_tree_all_finite((noisy, down))
+    chex.assert_shape(down.samples, (2, 4, 28, 28, 1))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chains": 1}, "chains must be an integer >= 2"),
+    ({"warmup": 2.5}, "warmup must be an integer"),
+    ({"noise_std": -1.0}, "noise_std must be"),
+    ({"downsample": 3}, "downsample must be 1 or 2"),
+    ({"downsample": 2, "noise_std": 0.1}, "pass mask=None"),
+])
+def test_inpaint_posterior_bad_arguments(tiny, kwargs, match):
+    flow, x = tiny
+    with pytest.raises(ValueError, match=match):
+        posterior.inpaint_posterior(flow, x, jnp.ones((28, 28, 1), bool), jax.random.key(0), **kwargs)

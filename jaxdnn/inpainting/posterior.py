@@ -11,9 +11,10 @@ Target: p(x | y) proportional to p(x) p(y | x), p the flow's density on [0, 1]^7
 Every pixel is sampled in unconstrained coordinates t: x = sigmoid(t) for a free pixel,
 x = (y_o + sigmoid(t)) / 256 for a binned one, the log-Jacobians added, so the constraint holds
 exactly at every step. Hamiltonian Monte Carlo (exact in the limit: Metropolis-adjusted) runs
-`chains` chains per image from given starts (they set where the chains begin, never the target);
+`chains` chains per image from given starts (they set where the chains begin, never the target;
+`inpaint_posterior` places them inside their bins with the flow's own dequantizer);
 during `warmup` iterations each image's step size is tuned by blackjax's dual averaging on its
-chains' mean acceptance and its diagonal mass matrix set to its chains' within-chain variances
+chains' mean acceptance and its diagonal mass matrix set to the variance of its chains' states
 (two windows); then `draws` iterations are kept for the effective sample size, and the chains'
 last states are the samples. The leapfrog loop is Python over one jitted gradient of the whole
 batch: XLA:CPU compiles and runs a flow's gradient inside lax loops (blackjax's integrators)
@@ -246,10 +247,11 @@ def _drift(t, p, step, inv_mass):
 
 
 def _window_variance(trace, b, k):
-    """Each image's diagonal inverse mass matrix: its chains' within-chain variances over the
-    window, averaged over the chains and shrunk towards 1e-3 (Stan's regularization)."""
+    """Each image's diagonal inverse mass matrix: the variance of its chains' states over the
+    window (across chains and iterations: chains that start apart and move slowly would
+    understate it within each chain), shrunk towards 1e-3 (Stan's regularization)."""
     n = trace.shape[0] * k
-    var = trace.var(0).reshape(b, k, *trace.shape[2:]).mean(1)
+    var = trace.reshape(trace.shape[0], b, k, *trace.shape[2:]).var((0, 2))
     var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
     return jnp.repeat(var, k, axis=0)
 
@@ -293,9 +295,10 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
         raise ValueError(f"flow must be a FlowDistribution (jaxdnn.pretrained.load_distribution), got "
                          f"{type(flow).__name__}")
     if flow.temperature != 1.0:
-        raise ValueError(f"the posterior is the flow's at temperature 1, got a flow at temperature {flow.temperature}")
-    for name, value, low in (("chains", chains, 2), ("warmup", warmup, 4), ("draws", draws, 1),
-                             ("leapfrog", leapfrog, 1), ("downsample", downsample, 1), ("batch_chains", batch_chains, 1)):
+        raise ValueError(f"the posterior is the flow's at temperature 1, got temperature {flow.temperature}")
+    counts = (("chains", chains, 2), ("warmup", warmup, 4), ("draws", draws, 1), ("leapfrog", leapfrog, 1),
+              ("downsample", downsample, 1), ("batch_chains", batch_chains, 1))
+    for name, value, low in counts:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if downsample not in (1, 2):
@@ -336,6 +339,8 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
         starts = reference[nearest_training_images(guide, observed, reference, k=chains)]
     else:
         starts = jnp.clip(flow.sample(seed=k_start, sample_shape=(n, chains)), 0.0, 1.0)
+    starts = _dequantize(flow, starts, data if (noise_std == 0 and downsample == 1) else None, masks,
+                         jax.random.fold_in(k_start, 1))
     log_prob = jax.tree_util.Partial(_flow_log_prob(flow.model), flow.params)
     sigma = None if (noise_std == 0 and downsample == 1) else float(noise_std)
     size = max(1, batch_chains // chains)  # images per sampler call: ~batch_chains chains run together
@@ -349,6 +354,17 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
     bar.close()
     x, ess, acc = (jnp.concatenate(parts)[:n] for parts in zip(*outs, strict=True))
     return Posterior(x, jnp.full((n, chains), 1.0 / chains), x.mean(1), x.std(1), ess, acc)
+
+
+def _dequantize(flow: FlowDistribution, starts, bins, masks, key):
+    """Starts placed inside their 8-bit bins where the flow's density is: by its own dequantizer
+    (uniform noise for a flow trained without one), the observed pixels' bins set first."""
+    n, k = starts.shape[:2]
+    pixels = to_pixels(starts)
+    if bins is not None:
+        pixels = jnp.where(masks[:, None, ..., 0], bins[:, None, ..., 0].astype(pixels.dtype), pixels)
+    x, _ = flow.model.apply(flow.params, pixels.reshape(n * k, *pixels.shape[2:]), key, method=flow.model.dequantize)
+    return jnp.clip(x.reshape(starts.shape), 0.0, 1.0)
 
 
 @functools.cache
