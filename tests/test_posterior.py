@@ -139,6 +139,7 @@ def tiny():
 RUN = {"chains": 4, "warmup": 4, "draws": 2, "leapfrog": 2}
 
 
+@pytest.mark.slow
 def test_inpaint_posterior_keeps_bins_and_reports(tiny):
     """K samples per image, binned observed pixels inside their bins, equal weights, finite ESS
     and acceptance, the mean and std of the samples; starts given or drawn from the flow."""
@@ -162,6 +163,7 @@ def test_inpaint_posterior_keeps_bins_and_reports(tiny):
     chex.assert_shape(drawn.samples, (1, 4, 28, 28, 1))
 
 
+@pytest.mark.slow
 def test_noisy_and_downsampled_observations_run(tiny):
     flow, x = tiny
     mask = jnp.zeros((28, 28, 1), bool).at[:, :14].set(True)
@@ -179,7 +181,11 @@ def test_noisy_and_downsampled_observations_run(tiny):
     ({"downsample": 3}, "downsample must be 1 or 2"),
     ({"downsample": 2, "noise_std": 0.1}, "pass mask=None"),
 ])
-def test_inpaint_posterior_bad_arguments(tiny, kwargs, match):
-    flow, x = tiny
+def test_inpaint_posterior_bad_arguments(kwargs, match):
+    """Checked before anything is computed (the flow's parameters are not even read)."""
+    from jaxdnn.flows import build_model
+    from jaxdnn.flows.distribution import FlowDistribution
+
+    flow, x = FlowDistribution(build_model("realnvp", levels_count=1, hidden=4), None), jnp.zeros((2, 28, 28, 1))
     with pytest.raises(ValueError, match=match):
         posterior.inpaint_posterior(flow, x, jnp.ones((28, 28, 1), bool), jax.random.key(0), **kwargs)

@@ -133,7 +133,10 @@ def _log_target(log_prob, t, data, mask, noise_std, binned: bool, downsample: in
 
 def _pixels(t, data, mask, binned: bool):
     s = jax.nn.sigmoid(t)
-    return jnp.where(mask, (data + s) / 256.0, s) if binned else s
+    if not binned:
+        return s
+    # below 1 - 2^-15 so that float32 rounding of (y + s) / 256 never reaches the next bin
+    return jnp.where(mask, (data + jnp.minimum(s, 1.0 - 2.0**-15)) / 256.0, s)
 
 
 def _coordinates(x, data, mask, binned: bool):
