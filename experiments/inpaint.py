@@ -244,10 +244,11 @@ def figure_name(a: argparse.Namespace, mask_label: str) -> str:
     """inpaint_<model>_<mask>_<method>[+<method>...][_<option><value>...][_seed<S>][_validation].png."""
     mask = mask_label.removeprefix("file:").removesuffix(".npy")
     parts = [pretrained.short_name(a.model), mask, "+".join(a.method)]
+    options: dict = {}  # --steps and --lr are shared by the methods; the latent options go with latent alone
     for method in a.method:
-        prefix = f"{method}-" if len(a.method) > 1 else ""
-        parts += [f"{prefix}{k}{v:g}" if isinstance(v, float) else f"{prefix}{k}{v}"
-                  for k, v in given_options(a, method).items()]
+        for k, v in given_options(a, method).items():
+            options.setdefault(k, v)
+    parts += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in options.items()]
     if a.seed:
         parts.append(f"seed{a.seed}")
     if a.split != "test":
