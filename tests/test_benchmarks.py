@@ -113,3 +113,24 @@ def test_torch_flow_peer_is_the_same_function_as_jaxdnns_realnvp():
     with torch.no_grad():
         got = net.log_prob(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=0.05)
+
+
+def test_a_peer_that_errors_fails_the_run(monkeypatch, capsys):
+    """A peer that raises is reported with its error and makes `python -m benchmarks` exit 1; a
+    peer that is only missing (torch not installed) does not."""
+    bench = pytest.importorskip("benchmarks.__main__")
+    from benchmarks import cases
+
+    def case(quick, broken=True):
+        peers: dict = {}
+        if broken:
+            cases._peer("broken", peers, lambda: 1 / 0)
+        peers["absent"] = {"missing": "torch not installed"}
+        ours = {"median": 2.0, "min": 1.0, "max": 3.0, "compile_seconds": 0.0}
+        return {"name": "fake", "unit": "things/s", "jaxdnn": ours, "peers": peers}
+
+    monkeypatch.setattr(bench, "CASES", {"fake": case})
+    assert bench.main(["--only", "fake"]) == 1
+    assert "failed: fake/broken" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "CASES", {"fake": lambda quick: case(quick, broken=False)})
+    assert bench.main(["--only", "fake"]) == 0
