@@ -196,6 +196,43 @@ def inpainting(quick: bool) -> dict:
     return {"name": "inpainting", "unit": "images/s", "jaxdnn": ours, "peers": peers}
 
 
+# ----------------------------------------------------------------------------- posterior sampler
+
+
+def posterior(quick: bool) -> dict:
+    """HMC on the flow's posterior (`inpaint_posterior`, bottom half missing): flow gradients per
+    second inside the sampler, against the same batched gradient alone (the sampler's ceiling)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdnn.flows import build_model
+    from jaxdnn.flows.distribution import FlowDistribution
+    from jaxdnn.inpainting.posterior import inpaint_posterior
+
+    images, chains = (2, 8) if quick else (8, 16)
+    warmup, draws, leapfrog = (4, 1, 2) if quick else (8, 2, 5)
+    model = build_model("realnvp")
+    x = (jnp.asarray(_images(images), jnp.float32) + 0.5)[..., None] / 256.0
+    params = jax.jit(model.init)(jax.random.key(0), x[:1])
+    flow = FlowDistribution(model, params)
+    mask = np.ones((28, 28, 1), bool)
+    mask[14:] = False
+    starts = jnp.broadcast_to(x[:, None], (images, chains, 28, 28, 1))
+    gradients = images * chains * (warmup + draws) * leapfrog
+    log(f"posterior: {images} images x {chains} chains x {warmup + draws} iterations x {leapfrog} leapfrog steps")
+
+    def run():
+        return inpaint_posterior(flow, x, mask, jax.random.key(1), starts=starts, chains=chains, warmup=warmup,
+                                 draws=draws, leapfrog=leapfrog).samples
+
+    ours = measure(run, gradients, 5, compile_time=True)
+    batch = x[np.arange(images * chains) % images]
+    grad = jax.jit(jax.grad(lambda v: model.apply(params, v, method=model.log_prob).sum()))
+    peers = {}
+    _peer("gradient_alone", peers, lambda: measure(lambda: grad(batch), images * chains, 5))
+    return {"name": "posterior", "unit": "flow gradients/s", "jaxdnn": ours, "peers": peers}
+
+
 # ----------------------------------------------------------------------------- flow train step
 
 
@@ -253,5 +290,6 @@ CASES = {
     "gamblers_ruin_state": gamblers_ruin_state,
     "sgd_tricks": sgd_tricks,
     "inpainting": inpainting,
+    "posterior": posterior,
     "flow_train_step": flow_train_step,
 }

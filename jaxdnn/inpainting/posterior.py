@@ -131,6 +131,7 @@ def _log_target(log_prob, t, data, mask, noise_std, binned: bool, downsample: in
     return log_prob(x) + log_lik + log_jac
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def _pixels(t, data, mask, binned: bool):
     s = jax.nn.sigmoid(t)
     if not binned:
@@ -139,6 +140,7 @@ def _pixels(t, data, mask, binned: bool):
     return jnp.where(mask, (data + jnp.minimum(s, 1.0 - 2.0**-15)) / 256.0, s)
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def _coordinates(x, data, mask, binned: bool):
     """The inverse of `_pixels` (x moved inside its bin where binned)."""
     u = jnp.clip(x, 1e-4, 1 - 1e-4)
@@ -153,15 +155,33 @@ def _value_and_grad(log_prob, t, data, mask, noise_std, binned, downsample):
     return lp, vjp(jnp.ones_like(lp))[0]
 
 
-@jax.jit
-def _finish(key, t0, lp0, g0, h0, t, p, lp, g, step, inv_mass):
-    """The last half momentum step and the Metropolis test: (t, log p, grad, acceptance probability)."""
+@functools.cache
+def _dual_averaging(acceptance: float):
+    """blackjax's dual averaging of the step size, vmapped over images and jitted: (init, update, final)."""
+    init, update, final = blackjax.adaptation.step_size.dual_averaging_adaptation(acceptance)
+    return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(update)), jax.jit(jax.vmap(final))
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def _begin(key, t, lp, g, step, inv_mass, k: int):
+    """Fresh momenta p ~ N(0, M), the starting energy and the first half step: (the next key, the
+    key of the Metropolis test, p after the half step, H0, the step size per chain)."""
+    key, k_mom, k_acc = jax.random.split(key, 3)
+    step_k = jnp.repeat(step, k).reshape(-1, *[1] * (t.ndim - 1))
+    p = jax.random.normal(k_mom, t.shape) / jnp.sqrt(inv_mass)
+    return key, k_acc, p + 0.5 * step_k * g, -lp + _kinetic(p, inv_mass), step_k
+
+
+@functools.partial(jax.jit, static_argnums=11)
+def _finish(key, t0, lp0, g0, h0, t, p, lp, g, step, inv_mass, b: int):
+    """The last half momentum step and the Metropolis test: (t, log p, grad, each image's mean
+    acceptance probability)."""
     p = p + 0.5 * step * g
     h1 = -lp + _kinetic(p, inv_mass)
     prob = jnp.where(jnp.isfinite(h1), jnp.minimum(1.0, jnp.exp(h0 - h1)), 0.0)
     take = jax.random.uniform(key, prob.shape) < prob
     pick = lambda new, old: jnp.where(take.reshape(-1, *[1] * (new.ndim - 1)), new, old)
-    return pick(t, t0), pick(lp, lp0), pick(g, g0), prob
+    return pick(t, t0), pick(lp, lp0), pick(g, g0), prob.reshape(b, -1).mean(1)
 
 
 def sample_posterior(log_prob, key, starts, data, mask, *, noise_std=None, downsample: int = 1,
@@ -186,51 +206,46 @@ def sample_posterior(log_prob, key, starts, data, mask, *, noise_std=None, downs
         return _value_and_grad(log_prob, t, data_k, mask_k, sigma, binned, downsample)
 
     def iteration(key, t, lp, g, step, inv_mass):
-        k_mom, k_acc = jax.random.split(key)
-        step_k = jnp.repeat(step, k).reshape(-1, *[1] * len(shape))
-        p = jax.random.normal(k_mom, t.shape) / jnp.sqrt(inv_mass)
-        h0 = -lp + _kinetic(p, inv_mass)
-        tt, pp = t, _kick(p, g, 0.5 * step_k)
+        key, k_acc, pp, h0, step_k = _begin(key, t, lp, g, step, inv_mass, k)
+        tt = t
         for i in range(leapfrog):
             tt = _drift(tt, pp, step_k, inv_mass)
             lpp, gg = value_and_grad(tt)
             if i < leapfrog - 1:
                 pp = _kick(pp, gg, step_k)
-        t, lp, g, prob = _finish(k_acc, t, lp, g, h0, tt, pp, lpp, gg, step_k, inv_mass)
-        return t, lp, g, prob.reshape(b, k).mean(1)
+        return key, *_finish(k_acc, t, lp, g, h0, tt, pp, lpp, gg, step_k, inv_mass, b)
 
     t = _coordinates(starts.reshape(b * k, *shape), data_k, mask_k, binned)
     lp, g = value_and_grad(t)
     inv_mass = jnp.ones_like(t)
-    da_init, da_update, da_final = blackjax.adaptation.step_size.dual_averaging_adaptation(acceptance)
-    da = jax.vmap(da_init)(jnp.full((b,), 0.05))
+    da_init, da_update, da_final = _dual_averaging(acceptance)
+    da = da_init(jnp.full((b,), 0.05))
     step = jnp.exp(da.log_step_size)
     windows = (warmup // 4, warmup // 2, warmup)  # identity mass, then two variance windows
     trace, kept, accepted = [], [], []
     for it in range(warmup + draws):
-        key, sub = jax.random.split(key)
-        t, lp, g, acc = iteration(sub, t, lp, g, step, inv_mass)
+        key, t, lp, g, acc = iteration(key, t, lp, g, step, inv_mass)
         if it < warmup:
-            da = jax.vmap(da_update)(da, acc)
+            da = da_update(da, acc)
             step = jnp.exp(da.log_step_size)
             if it >= windows[0]:
                 trace.append(t)
             if it + 1 in windows[1:]:
-                inv_mass = _window_variance(jnp.stack(trace), b, k)
+                inv_mass = _window_variance(trace, b, k)
                 trace = []
                 if it + 1 < warmup:  # restart the step size search for the new metric
-                    da = jax.vmap(da_init)(jax.vmap(da_final)(da))
+                    da = da_init(da_final(da))
                     step = jnp.exp(da.log_step_size)
             if it + 1 == warmup:
-                step = jax.vmap(da_final)(da)
+                step = da_final(da)
         else:
-            kept.append(_pixels(t, data_k, mask_k, binned).reshape(b, k, -1))
+            kept.append(_pixels(t, data_k, mask_k, binned))
             accepted.append(acc)
         if tick is not None:
             tick()
     x = _pixels(t, data_k, mask_k, binned).reshape(b, k, *shape)
     free = ~mask.reshape(b, -1) if downsample == 1 else jnp.ones((b, math.prod(shape)), bool)
-    ess = _ess(jnp.stack(kept, 2), free) if draws > 1 else jnp.full((b,), jnp.nan)
+    ess = _ess(kept, free, b, k) if draws > 1 else jnp.full((b,), jnp.nan)
     return x, ess, jnp.stack(accepted).mean(0)
 
 
@@ -249,18 +264,23 @@ def _drift(t, p, step, inv_mass):
     return t + step * inv_mass * p
 
 
-def _window_variance(trace, b, k):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _window_variance(states, b, k):
     """Each image's diagonal inverse mass matrix: the variance of its chains' states over the
     window (across chains and iterations: chains that start apart and move slowly would
     understate it within each chain), shrunk towards 1e-3 (Stan's regularization)."""
+    trace = jnp.stack(states)
     n = trace.shape[0] * k
     var = trace.reshape(trace.shape[0], b, k, *trace.shape[2:]).var((0, 2))
     var = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
     return jnp.repeat(var, k, axis=0)
 
 
-def _ess(draws, free):
-    """draws (B, K, D, P) -> the median over the free pixels of blackjax's effective sample size."""
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _ess(kept, free, b: int, k: int):
+    """kept: D draws (B K, H, W, C) -> the median over the free pixels of blackjax's effective
+    sample size of each image's K chains x D draws."""
+    draws = jnp.stack([d.reshape(b, k, -1) for d in kept], 2)  # (B, K, D, P)
     ess = jax.vmap(lambda d: blackjax.diagnostics.effective_sample_size(d, chain_axis=0, sample_axis=1))(draws)
     ess = jnp.where(free & jnp.isfinite(ess), ess, jnp.nan)
     return jnp.nanmedian(ess, axis=1)
@@ -366,8 +386,13 @@ def _dequantize(flow: FlowDistribution, starts, bins, masks, key):
     pixels = to_pixels(starts)
     if bins is not None:
         pixels = jnp.where(masks[:, None, ..., 0], bins[:, None, ..., 0].astype(pixels.dtype), pixels)
-    x, _ = flow.model.apply(flow.params, pixels.reshape(n * k, *pixels.shape[2:]), key, method=flow.model.dequantize)
+    x = _dequantizer(flow.model)(flow.params, pixels.reshape(n * k, *pixels.shape[2:]), key)
     return jnp.clip(x.reshape(starts.shape), 0.0, 1.0)
+
+
+@functools.cache
+def _dequantizer(model):
+    return jax.jit(lambda params, pixels, key: model.apply(params, pixels, key, method=model.dequantize)[0])
 
 
 @functools.cache
