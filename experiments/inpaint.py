@@ -35,8 +35,7 @@ import numpy as np
 from experiments.common import ArgumentParser, fail, print_json, save_figure
 from jaxdnn import distributed, pretrained
 from jaxdnn import inpainting as ip
-from jaxdnn.data import FetchError, load_mnist, to_pixels, to_unit_interval
-from jaxdnn.flows.distribution import FlowDistribution
+from jaxdnn.data import FetchError, load_mnist, to_unit_interval
 
 PROG = "python -m experiments.inpaint"
 JSON_KEYS = ("model", "mask", "method", "split", "images", "steps", "settings", "psnr", "mse", "bpd", "baselines",
@@ -309,7 +308,7 @@ def _main(argv) -> int:
         train = to_unit_interval(load_mnist("train")[0])
     except (FetchError, OSError) as e:
         fail(PROG, f"MNIST is not available: {e}", code=1)
-    outs, flow = [], FlowDistribution(model, params)
+    outs = []
     for mask_label, mask in a.masks.items():
         rows = []
         for method in a.method:
@@ -320,11 +319,6 @@ def _main(argv) -> int:
                                               **latent_options(a))
             except ValueError as e:
                 fail(PROG, str(e))
-            # bits/dim as the card scores test images: 8-bit pixels, the model's own dequantizer
-            per_image_bpd = np.asarray(flow.bits_per_dim(to_pixels(arrays["inpainted"]),
-                                                         jax.random.fold_in(jax.random.key(a.seed), lo),
-                                                         batch_size=a.batch_size), np.float64)
-            metrics = {**metrics, "bpd": float(per_image_bpd.mean())}
             if not rows:
                 observed = np.where(arrays["masks"], arrays["original"], 0.5)
                 rows = [("original", arrays["original"], None), ("observed", observed, None)]
