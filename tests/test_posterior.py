@@ -189,3 +189,30 @@ def test_inpaint_posterior_bad_arguments(kwargs, match):
     flow, x = FlowDistribution(build_model("realnvp", levels_count=1, hidden=4), None), jnp.zeros((2, 28, 28, 1))
     with pytest.raises(ValueError, match=match):
         posterior.inpaint_posterior(flow, x, jnp.ones((28, 28, 1), bool), jax.random.key(0), **kwargs)
+
+
+def test_calibration_check_on_an_exact_sampler():
+    """Truth and K = 16 samples drawn independently from one distribution per pixel (an exact
+    posterior): the plug-in 90% interval covers 0.9 (K - 1) / (K + 1), the 8-bit PIT interval
+    0.90, one sample's squared error is 2K / (K + 1) times the sample mean's, and the ranks pass
+    the chi-square test."""
+    from experiments.posterior_check import calibration
+
+    rng = np.random.default_rng(0)
+    centre = rng.uniform(0.2, 0.8, size=(300, 28, 28, 1))
+    draw = lambda *shape: np.clip(centre.reshape(300, *[1] * (len(shape) - 4), 28, 28, 1)
+                                  + 0.1 * rng.standard_normal(shape), 0.0, 1.0)
+    truth, samples = draw(300, 28, 28, 1), draw(300, 16, 28, 28, 1)
+    masks = np.ones((300, 28, 28, 1), bool)
+    masks[:, 10:18, 10:18] = False  # 64 missing pixels an image, 19,200 in all
+    out = calibration(samples, truth, masks)
+    n = 300 * 64
+    assert out["coverage90_if_exact"] == pytest.approx(0.9 * 15 / 17)
+    assert abs(out["coverage90"] - out["coverage90_if_exact"]) < 4 * math.sqrt(0.2 / n) + 0.005
+    assert abs(out["coverage90_8bit"] - 0.9) < 4 * math.sqrt(0.09 / n)
+    assert out["mse_ratio_if_exact"] == pytest.approx(32 / 17)  # 2K / (K + 1): the mean of K samples
+    assert out["mse_ratio"] == pytest.approx(out["mse_ratio_if_exact"], abs=0.05)
+    assert out["rank_p"] > 1e-3
+    narrow = np.clip(centre[:, None] + 0.05 * rng.standard_normal((300, 16, 28, 28, 1)), 0.0, 1.0)
+    wrong = calibration(narrow, truth, masks)  # half the posterior's spread: every check sees it
+    assert wrong["rank_p"] < 1e-6 and wrong["coverage90"] < 0.6 and wrong["mse_ratio"] < 1.5
