@@ -61,7 +61,8 @@ class Posterior(NamedTuple):
     acceptance: jax.Array
 
     def interval(self, level: float = 0.9) -> tuple[jax.Array, jax.Array]:
-        """Per-pixel (1 - level)/2 and (1 + level)/2 sample quantiles, each (B, H, W, C)."""
+        """Per-pixel (1 - level)/2 and (1 + level)/2 sample quantiles (linear), each (B, H, W, C).
+        From K exact samples they cover a new draw with probability level (K - 1) / (K + 1)."""
         q = jnp.quantile(self.samples, jnp.array([(1.0 - level) / 2, (1.0 + level) / 2]), axis=1)
         return q[0], q[1]
 
