@@ -9,7 +9,8 @@ the training images nearest on the observed pixels) and two ensembles of K:
   Gaussian noise whose per-pixel std is the network's root-mean-square error at that pixel on
   validation images 4500..4999 (the same mask; never scored here), clipped to [0, 1]. With downsampling (the network
   never saw it) the nearest-upsampled observation stands in for the network's fill.
-Scores over the unobserved pixels, per image: the fair CRPS and energy score (lower is better),
+Scores over the unobserved pixels, per image, of every ensemble rounded to 8 bits as the test
+images are: the fair CRPS and energy score (lower is better),
 raw coverage and width of the 90% intervals, PSNR of the ensemble mean, the classifier's
 accuracy over the samples and the Brier score of its mean probabilities against the true digit.
 Paired differences flow - baseline, mean +- 2 SE over the images.
@@ -88,7 +89,10 @@ def network_std(mask_name: str, observation: str, key) -> jnp.ndarray:
 
 
 def scores(samples, truth, scored, labels) -> dict[str, np.ndarray]:
-    """Per-image scores (B,) of an ensemble (B, K, ...) over the unscored (missing) pixels."""
+    """Per-image scores (B,) of an ensemble (B, K, ...) over the unscored (missing) pixels. The
+    truth is an 8-bit image at its pixels' bin centres, so every ensemble is scored at 8 bits
+    too (each value moved to its bin's centre): where inside a bin a sample lies is no error."""
+    samples = (jnp.floor(jnp.clip(samples, 0.0, 1.0 - 2.0**-12) * 256.0) + 0.5) / 256.0
     miss = ~np.broadcast_to(np.asarray(scored), truth.shape)
     s, y = np.asarray(samples), np.asarray(truth)
     lo, hi = np.quantile(s, 0.05, axis=1), np.quantile(s, 0.95, axis=1)
