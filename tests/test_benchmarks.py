@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["gamblers_ruin", "gamblers_ruin_state", "sgd_tricks", "inpainting", "posterior", "flow_train_step"]
 PEERS = {"gamblers_ruin": {"python", "numpy"}, "gamblers_ruin_state": set(), "sgd_tricks": {"torch"},
-         "inpainting": {"torch_loop", "torch_batched"}, "flow_train_step": {"torch"}}
+         "inpainting": {"torch_loop", "torch_batched"}, "posterior": {"gradient_alone"}, "flow_train_step": {"torch"}}
 TORCH_PEERS = {"torch", "torch_loop", "torch_batched"}
 
 

@@ -64,8 +64,11 @@ def test_inpainting_on_two_processes_equals_one_process(tmp_path, capsys):
            "pgd", "--images", "3:8", "--steps", "3", "--json", "--out", str(tmp_path)]
     two = json.loads(_two_processes(cmd))
     one = _one_process("inpaint", cmd[3:], capsys)
-    for key in ("psnr", "mse", "bpd"):
+    for key in ("psnr", "mse"):
         assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    # bits/dim rounds the fills to 8 bits (the cards' bound): a last-bit difference of a fill can
+    # move a pixel across a bin edge
+    assert two["bpd"] == pytest.approx(one["bpd"], rel=1e-5)
     assert two["accuracy"] == pytest.approx(one["accuracy"])  # the classifier's reading, combined
     for name, scores in one["baselines"].items():
         assert two["baselines"][name]["psnr"] == pytest.approx(scores["psnr"], rel=1e-6), name

@@ -27,7 +27,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +158,8 @@ def _value_and_grad(log_prob, t, data, mask, noise_std, binned, downsample):
 @functools.cache
 def _dual_averaging(acceptance: float):
     """blackjax's dual averaging of the step size, vmapped over images and jitted: (init, update, final)."""
+    import blackjax  # here, not at import: importing blackjax starts a JAX backend (jaxdnn.distributed)
+
     init, update, final = blackjax.adaptation.step_size.dual_averaging_adaptation(acceptance)
     return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(update)), jax.jit(jax.vmap(final))
 
@@ -281,6 +282,8 @@ def _window_variance(states, b, k):
 def _ess(kept, free, b: int, k: int):
     """kept: D draws (B K, H, W, C) -> the median over the free pixels of blackjax's effective
     sample size of each image's K chains x D draws."""
+    import blackjax
+
     draws = jnp.stack([d.reshape(b, k, -1) for d in kept], 2)  # (B, K, D, P)
     ess = jax.vmap(lambda d: blackjax.diagnostics.effective_sample_size(d, chain_axis=0, sample_axis=1))(draws)
     ess = jnp.where(free & jnp.isfinite(ess), ess, jnp.nan)

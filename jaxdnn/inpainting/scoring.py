@@ -109,9 +109,11 @@ def evaluate(model, params, images, mask="hw10", method: str = "latent", *, trai
 
     inpainted, losses = jax.block_until_ready(_batched(run, n, batch_size))
     method_seconds = time.perf_counter() - t0
-    # bits/dim as the card scores test images: 8-bit pixels, the model's own dequantizer
-    bpd = FlowDistribution(model, params).bits_per_dim(to_pixels(inpainted), jax.random.fold_in(noise_key, 1),
-                                                       batch_size=batch_size)
+    # bits/dim as the card scores test images: 8-bit pixels, the model's own dequantizer; image i's
+    # noise from fold_in(noise_key, indices[i]), so it does not depend on the batch or the process
+    dist, pixels = FlowDistribution(model, params), to_pixels(inpainted)
+    bpd = jnp.concatenate([dist.bits_per_dim(pixels[i:i + 1], jax.random.fold_in(noise_key, int(indices[i])))
+                           for i in range(n)])
     fills = {"mean_fill": mean_fill(images, masks_b, pixel_mean(train_images)),
              "nearest_neighbor": nearest_neighbor(images, masks_b, train_images)[0],
              "knn_mean": knn_mean(images, masks_b, train_images)}
