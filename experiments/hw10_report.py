@@ -88,8 +88,9 @@ def write_report(summary: dict, out: Path) -> Path:
           "Question: minimize -log p(X) subject to M*X = M*X_true, 0 <= X <= 1 by the projected gradient method "
           "(lr 1e-3, 300 steps: `pgd`, the course's); `annealed` adds a step-size schedule and decaying noise "
           "(projected Langevin). `latent_map` searches the flow's latents instead: the MAP of z given the "
-          "observed pixels, decoded; `latent` averages 8 such searches from the nearest training images' "
-          "encodings (the posterior mean). Metrics over the missing pixels only; the three baselines without a "
+          "observed pixels, decoded; `latent` weighs 32 short searches from the nearest training images' "
+          "encodings (a heuristic for the posterior mean; `python -m experiments.posterior_check` samples the "
+          "posterior itself). Metrics over the missing pixels only; the three baselines without a "
           "flow are computed in the same run.", "",
           "| model | mask | method | images | PSNR (dB) | MSE | bpd of result | mean-fill PSNR"
           " | nearest-neighbour PSNR | 10-NN-mean PSNR |",
