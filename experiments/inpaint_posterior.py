@@ -34,15 +34,11 @@ from jaxdnn import inpainting as ip
 from jaxdnn.data import load_mnist, to_unit_interval
 from jaxdnn.inpainting import plausibility
 from jaxdnn.inpainting.masks import MASKS, UNSEEN_MASKS
-from jaxdnn.inpainting.posterior import POSTERIOR_DEFAULTS, crps, energy_score, inpaint_posterior
+from jaxdnn.inpainting.posterior import POSTERIOR_DEFAULTS, block_means, crps, energy_score, inpaint_posterior
 
 PROG = "python -m experiments.inpaint_posterior"
 NOISE = {"bins": 0.0, "noisy": 0.1, "downsample": 0.05}
 CALIBRATION = (4500, 5000)  # validation images that fit the network's per-pixel std
-
-
-def _pool(x):
-    return x.reshape(x.shape[0], 14, 2, 14, 2, 1).mean((2, 4))
 
 
 def observe(images, masks, observation: str, key):
@@ -53,15 +49,14 @@ def observe(images, masks, observation: str, key):
                                                    (images.shape[0], 14, 14, 1))
     if observation == "noisy":
         return images + noise, masks, masks
-    return _pool(images) + noise, None, jnp.zeros_like(masks)
+    return block_means(images) + noise, None, jnp.zeros_like(masks)
 
 
-def ensembles(images, masks, given, observation, k, train, network_std, key):
-    """The two baselines' K-member ensembles (B, K, 28, 28, 1)."""
-    guide = given if observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2).clip(0, 1)
-    observed = masks if observation != "downsample" else jnp.ones_like(masks)
-    idx = ip.nearest_training_images(guide.clip(0, 1), observed, train, k=k)
-    knn = jnp.where(observed[:, None] & (observation == "bins"), images[:, None], train[idx])
+def ensembles(images, masks, given, guide, observed, observation, neighbours, network_std, key):
+    """The two baselines' K-member ensembles (B, K, 28, 28, 1); neighbours: the K training images
+    nearest to `guide` on the `observed` pixels (the sampler's starts)."""
+    k = neighbours.shape[1]
+    knn = jnp.where(observed[:, None] & (observation == "bins"), images[:, None], neighbours)
     if observation == "downsample":
         fill = guide
     else:
@@ -154,17 +149,17 @@ def main(argv=None) -> int:
         given, sampler_mask, scored = observe(images, masks, a.observation, jax.random.fold_in(key, 2))
         t0 = time.perf_counter()
         observed = sampler_mask if sampler_mask is not None else jnp.ones_like(masks)
-        guide = given if a.observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2)
-        starts = train[ip.nearest_training_images(guide.clip(0, 1), observed, train, k=a.chains)]
+        guide = (given if a.observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2)).clip(0, 1)
+        neighbours = train[ip.nearest_training_images(guide, observed, train, k=a.chains)]  # starts and knn
         try:
             post = inpaint_posterior(flow, given if a.observation != "bins" else images, sampler_mask,
-                                     jax.random.fold_in(key, 3), starts=starts, noise_std=NOISE[a.observation],
+                                     jax.random.fold_in(key, 3), starts=neighbours, noise_std=NOISE[a.observation],
                                      downsample=2 if a.observation == "downsample" else 1, chains=a.chains,
                                      warmup=a.warmup, draws=a.draws, leapfrog=a.leapfrog, progress=not a.json)
         except ValueError as e:
             fail(PROG, str(e))
         seconds = time.perf_counter() - t0
-        base = ensembles(images, masks, given, a.observation, a.chains, train,
+        base = ensembles(images, masks, given, guide, observed, a.observation, neighbours,
                          network_std(mask_name, a.observation, key), jax.random.fold_in(key, 4))
         flow_scores = scores(post.samples, images, scored, labels)
         row = {"mask": name, "seconds": round(seconds, 1), "ess": float(jnp.median(post.ess)),

@@ -37,7 +37,8 @@ from jaxdnn.flows.distribution import FlowDistribution
 from jaxdnn.inpainting.baselines import nearest_training_images
 from jaxdnn.inpainting.masks import check_images, check_mask
 
-__all__ = ["POSTERIOR_DEFAULTS", "Posterior", "crps", "energy_score", "inpaint_posterior", "sample_posterior"]
+__all__ = ["POSTERIOR_DEFAULTS", "Posterior", "block_means", "crps", "energy_score", "inpaint_posterior",
+           "sample_posterior"]
 
 # chains per image, warm-up and kept iterations, leapfrog steps per iteration, target acceptance
 POSTERIOR_DEFAULTS = {"chains": 32, "warmup": 40, "draws": 10, "leapfrog": 10, "acceptance": 0.7}
@@ -113,7 +114,8 @@ def energy_score(samples, targets, masks) -> jax.Array:
 # ----------------------------------------------------------------------------- target
 
 
-def _pool(x):
+def block_means(x):
+    """The 2x2 block means (B, H/2, W/2, C) of images (B, H, W, C): the downsampled observation."""
     b, h, w, c = x.shape
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4))
 
@@ -125,7 +127,7 @@ def _log_target(log_prob, t, data, mask, noise_std, binned: bool, downsample: in
     if binned:  # the likelihood is the bins' indicator, exact by construction
         log_lik = 0.0
     elif downsample > 1:
-        log_lik = -0.5 * ((_pool(x) - data) ** 2).sum((1, 2, 3)) / noise_std**2
+        log_lik = -0.5 * ((block_means(x) - data) ** 2).sum((1, 2, 3)) / noise_std**2
     else:
         log_lik = -0.5 * (jnp.where(mask, x - data, 0.0) ** 2).sum((1, 2, 3)) / noise_std**2
     return log_prob(x) + log_lik + log_jac
