@@ -13,7 +13,8 @@ Scores over the unobserved pixels, per image, of every ensemble rounded to 8 bit
 images are: the fair CRPS and energy score (lower is better),
 raw coverage and width of the 90% intervals, PSNR of the ensemble mean, the classifier's
 accuracy over the samples and the Brier score of its mean probabilities against the true digit.
-Paired differences flow - baseline, mean +- 2 SE over the images.
+Paired differences flow - baseline, mean +- 2 SE over the images; --json also lists every
+image's scores (`per_image`), so runs over disjoint image ranges can be pooled.
 
 Observations: bins (the observed pixels' 8-bit values, the default), noisy (masked pixels plus
 N(0, 0.1^2)), downsample (2x2 block means plus N(0, 0.05^2), every pixel scored; --mask unused).
@@ -21,7 +22,9 @@ N(0, 0.1^2)), downsample (2x2 block means plus N(0, 0.05^2), every pixel scored;
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +35,7 @@ from experiments.inpaint import choice_list, figure, parse_range, split_range_er
 from jaxdnn import conditional_mean, pretrained
 from jaxdnn import inpainting as ip
 from jaxdnn.data import load_mnist, to_unit_interval
+from jaxdnn.files import atomic_write_bytes
 from jaxdnn.inpainting import plausibility
 from jaxdnn.inpainting.masks import MASKS, UNSEEN_MASKS
 from jaxdnn.inpainting.posterior import POSTERIOR_DEFAULTS, block_means, crps, energy_score, inpaint_posterior
@@ -106,8 +110,67 @@ def scores(samples, truth, scored, labels) -> dict[str, np.ndarray]:
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
-    d = a - b
+    d = np.asarray(a) - np.asarray(b)
     return {"mean": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
+
+
+def pool(rows: list[dict]) -> dict:
+    """One row from the rows of consecutive image ranges: means and paired differences over all
+    their images, seconds summed, ESS the median of the ranges' medians."""
+    per = {ens: {k: np.concatenate([r["per_image"][ens][k] for r in rows]) for k in rows[0]["per_image"][ens]}
+           for ens in rows[0]["per_image"]}
+    flow = per["flow"]
+    return {"mask": rows[0]["mask"], "seconds": round(sum(r["seconds"] for r in rows), 1),
+            "ess": float(np.median([r["ess"] for r in rows])), "images": int(len(flow["crps"])),
+            "flow": {k: float(v.mean()) for k, v in flow.items()},
+            "baselines": {b: {k: float(v.mean()) for k, v in s.items()} for b, s in per.items() if b != "flow"},
+            "paired": {b: {k: paired(flow[k], per[b][k]) for k in ("crps", "energy", "psnr", "brier")}
+                       for b in per if b != "flow"},
+            "per_image": {b: {k: v.tolist() for k, v in s.items()} for b, s in per.items()},
+            "figure": rows[0].get("figure")}
+
+
+def score_range(a, flow, name: str, lo: int, hi: int, train, baseline_std, figure_path) -> dict:
+    """Samples and scores images lo..hi-1 of the split under mask `name` (one row, with every
+    image's scores in `per_image`); a range is run the same way whatever range it is part of."""
+    pixels, labels = load_mnist(a.split)
+    images, labels = to_unit_interval(pixels[lo:hi]), labels[lo:hi]
+    key = jax.random.key(a.seed)
+    mask_name = "center" if name == "downsample" else name  # unused by downsampling
+    masks = ip.batch_masks(mask_name, np.arange(lo, hi), jax.random.fold_in(key, 1))
+    given, sampler_mask, scored = observe(images, masks, a.observation, jax.random.fold_in(key, 2))
+    t0 = time.perf_counter()
+    observed = sampler_mask if sampler_mask is not None else jnp.ones_like(masks)
+    guide = (given if a.observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2)).clip(0, 1)
+    neighbours = train[ip.nearest_training_images(guide, observed, train, k=a.chains)]  # starts and knn
+    try:
+        post = inpaint_posterior(flow, given if a.observation != "bins" else images, sampler_mask,
+                                 jax.random.fold_in(key, 3), starts=neighbours, noise_std=NOISE[a.observation],
+                                 downsample=2 if a.observation == "downsample" else 1, chains=a.chains,
+                                 warmup=a.warmup, draws=a.draws, leapfrog=a.leapfrog, progress=not a.json)
+    except ValueError as e:
+        fail(PROG, str(e))
+    seconds = time.perf_counter() - t0
+    base = ensembles(images, masks, given, guide, observed, a.observation, neighbours, baseline_std,
+                     jax.random.fold_in(key, 4))
+    flow_scores = scores(post.samples, images, scored, labels)
+    row = {"mask": name, "seconds": round(seconds, 1), "ess": float(jnp.median(post.ess)),
+           "flow": {k: float(v.mean()) for k, v in flow_scores.items()}, "baselines": {}, "paired": {},
+           "per_image": {"flow": {k: np.round(v, 6).tolist() for k, v in flow_scores.items()}}}
+    for bname, ens in base.items():
+        bs = scores(ens, images, scored, labels)
+        row["baselines"][bname] = {k: float(v.mean()) for k, v in bs.items()}
+        row["paired"][bname] = {k: paired(flow_scores[k], bs[k]) for k in ("crps", "energy", "psnr", "brier")}
+        row["per_image"][bname] = {k: np.round(v, 6).tolist() for k, v in bs.items()}
+    if figure_path is not None:
+        save_figure(figure([("observed", np.asarray(jnp.where(observed, guide.clip(0, 1), 0.0)), None),
+                            *[(f"sample {j}", np.asarray(post.samples[:, j]), None) for j in range(3)],
+                            ("posterior mean", np.asarray(post.mean), flow_scores["psnr"]),
+                            ("posterior std x 3", np.asarray(jnp.clip(3 * post.std, 0, 1)), None),
+                            ("truth", np.asarray(images), None)],
+                           f"{a.model} posterior (HMC, T = 1), {name}, {a.observation}"), figure_path)
+        row["figure"] = str(figure_path)
+    return row
 
 
 def main(argv=None) -> int:
@@ -120,6 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=parse_range, default=(0, 16), metavar="START:STOP")
     for name in ("chains", "warmup", "draws", "leapfrog"):
         p.add_argument(f"--{name}", type=int, default=POSTERIOR_DEFAULTS[name])
+    p.add_argument("--chunk", type=int, default=None, metavar="N",
+                   help="run the images N at a time, each range saved in --out and reused when the same command "
+                        "is run again (a killed run resumes); results pooled over the ranges")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results")
     p.add_argument("--json", action="store_true")
@@ -127,6 +193,8 @@ def main(argv=None) -> int:
     for name, low in (("chains", 2), ("warmup", 4), ("draws", 1), ("leapfrog", 1)):
         if getattr(a, name) < low:
             fail(PROG, f"--{name} must be an integer >= {low}, got {getattr(a, name)}")
+    if a.chunk is not None and a.chunk < 2:
+        fail(PROG, f"--chunk must be an integer >= 2, got {a.chunk}")
     if split_range_error(a.images, a.split):
         fail(PROG, split_range_error(a.images, a.split))
     if a.split == "validation" and a.images[1] > CALIBRATION[0]:
@@ -136,48 +204,31 @@ def main(argv=None) -> int:
         flow = pretrained.load_distribution(a.model)
     except (ValueError, OSError) as e:
         fail(PROG, f"--model: {e}")
-    pixels, labels = load_mnist(a.split)
-    lo, hi = a.images
-    images, labels = to_unit_interval(pixels[lo:hi]), labels[lo:hi]
     train = to_unit_interval(load_mnist("train")[0])
-    key = jax.random.key(a.seed)
-    masks_run = ["downsample"] if a.observation == "downsample" else a.mask
+    lo, hi = a.images
+    step = a.chunk or hi - lo
+    ranges = [(s, min(s + step, hi)) for s in range(lo, hi, step)]
+    settings = {k: getattr(a, k) for k in ("model", "observation", "split", "chains", "warmup", "draws", "leapfrog",
+                                           "seed")}
     rows = []
-    for name in masks_run:
-        mask_name = "center" if name == "downsample" else name  # unused by downsampling
-        masks = ip.batch_masks(mask_name, np.arange(lo, hi), jax.random.fold_in(key, 1))
-        given, sampler_mask, scored = observe(images, masks, a.observation, jax.random.fold_in(key, 2))
-        t0 = time.perf_counter()
-        observed = sampler_mask if sampler_mask is not None else jnp.ones_like(masks)
-        guide = (given if a.observation != "downsample" else jnp.repeat(jnp.repeat(given, 2, 1), 2, 2)).clip(0, 1)
-        neighbours = train[ip.nearest_training_images(guide, observed, train, k=a.chains)]  # starts and knn
-        try:
-            post = inpaint_posterior(flow, given if a.observation != "bins" else images, sampler_mask,
-                                     jax.random.fold_in(key, 3), starts=neighbours, noise_std=NOISE[a.observation],
-                                     downsample=2 if a.observation == "downsample" else 1, chains=a.chains,
-                                     warmup=a.warmup, draws=a.draws, leapfrog=a.leapfrog, progress=not a.json)
-        except ValueError as e:
-            fail(PROG, str(e))
-        seconds = time.perf_counter() - t0
-        base = ensembles(images, masks, given, guide, observed, a.observation, neighbours,
-                         network_std(mask_name, a.observation, key), jax.random.fold_in(key, 4))
-        flow_scores = scores(post.samples, images, scored, labels)
-        row = {"mask": name, "seconds": round(seconds, 1), "ess": float(jnp.median(post.ess)),
-               "flow": {k: float(v.mean()) for k, v in flow_scores.items()}, "baselines": {}, "paired": {}}
-        for bname, ens in base.items():
-            bs = scores(ens, images, scored, labels)
-            row["baselines"][bname] = {k: float(v.mean()) for k, v in bs.items()}
-            row["paired"][bname] = {k: paired(flow_scores[k], bs[k]) for k in ("crps", "energy", "psnr", "brier")}
+    for name in ["downsample"] if a.observation == "downsample" else a.mask:
+        label = f"{pretrained.short_name(a.model)}_{name}_{a.observation}_{a.split}"
+        baseline_std, parts = None, []
+        for r_lo, r_hi in ranges:
+            saved = Path(a.out) / "posterior_ranges" / f"{label}_{r_lo}-{r_hi}.json"
+            cached = json.loads(saved.read_text()) if a.chunk and saved.is_file() else None
+            if cached is not None and cached["settings"] == settings:
+                parts.append(cached["row"])
+                continue
+            figure_path = Path(a.out) / f"posterior_{label}.png" if r_lo == lo else None
+            if baseline_std is None:
+                baseline_std = network_std("center" if name == "downsample" else name, a.observation,
+                                           jax.random.key(a.seed))
+            parts.append(score_range(a, flow, name, r_lo, r_hi, train, baseline_std, figure_path))
+            if a.chunk:
+                atomic_write_bytes(saved, json.dumps({"settings": settings, "row": parts[-1]}).encode())
+        row = pool(parts) if len(parts) > 1 else {**parts[0], "images": r_hi - lo}
         rows.append(row)
-        label = f"{a.model}_{name}_{a.observation}_{a.split}"
-        path = save_figure(figure([("observed", np.asarray(jnp.where(observed, guide.clip(0, 1), 0.0)), None),
-                                   *[(f"sample {j}", np.asarray(post.samples[:, j]), None) for j in range(3)],
-                                   ("posterior mean", np.asarray(post.mean), flow_scores["psnr"]),
-                                   ("posterior std x 3", np.asarray(jnp.clip(3 * post.std, 0, 1)), None),
-                                   ("truth", np.asarray(images), None)],
-                                  f"{a.model} posterior (HMC, T = 1), {name}, {a.observation}"),
-                           f"{a.out}/posterior_{label}.png")
-        row["figure"] = str(path)
         if not a.json:
             _report(row)
     out = {"model": a.model, "observation": a.observation, "split": a.split, "images": [lo, hi],

@@ -2,6 +2,7 @@
 pixel (truncated-normal moments), and a noisy observation integrated on a grid; the scores
 against their definitions."""
 
+import json
 import math
 
 import chex
@@ -216,3 +217,39 @@ def test_calibration_check_on_an_exact_sampler():
     narrow = np.clip(centre[:, None] + 0.05 * rng.standard_normal((300, 16, 28, 28, 1)), 0.0, 1.0)
     wrong = calibration(narrow, truth, masks)  # half the posterior's spread: every check sees it
     assert wrong["rank_p"] < 1e-6 and wrong["coverage90"] < 0.6 and wrong["mse_ratio"] < 1.5
+
+
+@pytest.mark.mnist
+def test_a_chunked_run_saves_each_range_resumes_and_pools(tmp_path, monkeypatch, capsys):
+    """`--chunk N` scores the images N at a time, saves each range and reuses it when the command
+    runs again; the pooled row is the mean (and paired SE) over every image of every range."""
+    from experiments import inpaint_posterior as cli
+
+    calls = []
+
+    def fake_range(a, flow, name, lo, hi, train, std, figure_path):
+        calls.append((lo, hi))
+        n = hi - lo
+        per = {e: {k: list(np.arange(lo, hi) * w + off) for k in ("crps", "energy", "psnr", "brier")}
+               for e, w, off in (("flow", 1.0, 0.0), ("knn", 1.0, 0.5), ("network+gaussian", 2.0, 0.0))}
+        return {"mask": name, "seconds": float(n), "ess": float(lo), "per_image": per,
+                "flow": {}, "baselines": {}, "paired": {}}
+
+    monkeypatch.setattr(cli, "score_range", fake_range)
+    monkeypatch.setattr(cli, "network_std", lambda *args: None)
+    monkeypatch.setattr(cli.pretrained, "load_distribution", lambda source: None)
+    argv = ["--split", "test", "--images", "0:5", "--chunk", "2", "--mask", "center", "--out", str(tmp_path), "--json"]
+    assert cli.main(argv) == 0
+    assert calls == [(0, 2), (2, 4), (4, 5)]
+    first = capsys.readouterr().out
+    (row,) = json.loads(first)["masks"]
+    assert row["images"] == 5 and row["seconds"] == 5.0 and row["ess"] == 2.0
+    assert row["flow"]["crps"] == pytest.approx(2.0)
+    assert row["baselines"]["network+gaussian"]["crps"] == pytest.approx(4.0)
+    diff = -np.arange(5.0)  # flow - network per image
+    assert row["paired"]["network+gaussian"]["crps"]["mean"] == pytest.approx(diff.mean())
+    assert row["paired"]["network+gaussian"]["crps"]["stderr"] == pytest.approx(diff.std(ddof=1) / np.sqrt(5))
+    assert row["paired"]["knn"]["crps"] == {"mean": pytest.approx(-0.5), "stderr": pytest.approx(0.0)}
+    assert cli.main(argv) == 0 and calls == [(0, 2), (2, 4), (4, 5)]  # every range reused
+    assert capsys.readouterr().out == first
+    assert cli.main([*argv, "--chains", "8"]) == 0 and len(calls) == 6  # other settings: run again
