@@ -277,7 +277,16 @@ def train_and_evaluate(config: dict, workdir: str | Path, *, stop_after: int | N
 def _tensorboard(workdir: Path):
     """A TensorBoard writer (tensorboardX, no TensorFlow) into WORKDIR/tensorboard:
     `tensorboard --logdir runs/` shows every run under runs/."""
-    from tensorboardX import SummaryWriter
+    # tensorboardX imports torch where it is installed (to accept its tensors; ours are NumPy): ~2 s
+    # of each training process. Unless torch is loaded already, tensorboardX is imported without it.
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
 
     return SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
 
