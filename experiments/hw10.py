@@ -42,7 +42,7 @@ def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
         ("p6_from_2_2", "sgd_tricks", ["--init-mu", "2", "--init-sigma", "2", *sgd]),
     ]
     masks = ["hw10"] if fast else list(P3_MASKS)
-    steps = ["--steps", "10"] if fast else []
+    steps = ["--steps", "3"] if fast else []  # fast: a few steps of each method (a smoke run)
     for model in ("realnvp",) if fast else ("realnvp", "glow"):  # one process a model: shared compilations
         runs.append((f"p3_{model}", "inpaint", ["--model", model, "--mask", ",".join(masks),
                                                "--method", ",".join(P3_METHODS), "--images", images, *steps]))
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--out", default="results", help="results directory (default results/)")
     parser.add_argument("--fast", action="store_true",
-                        help="small settings (used by a test): about 4 minutes on a 2-core CPU (246 s measured "
-                             "with other jobs running)")
+                        help="small settings (used by a test): about 2 minutes on a 2-core CPU (120 s measured "
+                             "with another job running)")
     parser.add_argument("--jobs", type=int, default=2, help="parts run at a time (default 2)")
     args = parser.parse_args(argv)
     if args.jobs < 1:

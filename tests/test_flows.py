@@ -1,5 +1,6 @@
 """Flow layers and models: one test per property, over a registry of every layer and model."""
 
+import functools
 import zlib
 
 import chex
@@ -56,13 +57,26 @@ def test_layer_round_trip_shapes_and_finiteness(name, jit):
         np.testing.assert_allclose(log_det, ld_eager, atol=1e-4, rtol=1e-5)
 
 
+class _PerModel(dict):
+    """{model name: make(name)}, each made when a test first asks for it (the fast loop, which
+    skips RealNVP's model tests, never compiles its `init`)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name):
+        self[name] = self.make(name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def model_inits():
     """(x, initialized parameters of each model, noise key): `init` is the models' costliest
     compilation (seconds each), so it runs once per model for all the model tests."""
     x = random_input(jax.random.key(1), (2, 28, 28, 1), unit_interval=True)
     k_init, k_noise = jax.random.split(jax.random.key(2))  # as perturbed_params(m, key(2), x)
-    return x, {n: jax.jit(m.init)(k_init, x) for n, m in MODELS.items()}, k_noise
+    return x, _PerModel(lambda n: jax.jit(MODELS[n].init)(k_init, x)), k_noise
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +84,21 @@ def model_params(model_inits):
     """(x, parameters of each model): perturbed_params(m, key(2), x, scale=0.02), reusing the
     initialization."""
     x, inits, k_noise = model_inits
-    return x, {n: perturb(p, k_noise, scale=0.02) for n, p in inits.items()}
+    return x, _PerModel(lambda n: perturb(inits[n], k_noise, scale=0.02))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@functools.cache
+def _log_prob(name):
+    """A model's jitted log_prob, one per model: the tests that call it share its compilation."""
+    model = MODELS[name]
+    return jax.jit(lambda p, v: model.apply(p, v, method=model.log_prob))
+
+
+# RealNVP is the costliest model to compile (its init alone ~4 s): its model tests are slow
+SLOW_REALNVP = [pytest.param(n, marks=pytest.mark.slow) if n == "realnvp" else n for n in sorted(MODELS)]
+
+
+@pytest.mark.parametrize("name", SLOW_REALNVP)
 def test_model_round_trip_log_prob_and_sample(name, model_params):
     x, all_params = model_params
     model, params = MODELS[name], all_params[name]
@@ -81,7 +106,7 @@ def test_model_round_trip_log_prob_and_sample(name, model_params):
     x_back = jax.jit(lambda p, z: model.apply(p, z, method=model.decode))(params, latents)
     assert float(jnp.abs(x_back - x).max()) <= 1e-4
     assert [z.shape[1:] for z in latents] == [tuple(s) for s in model.apply(params, method=model.latent_shapes)]
-    log_prob = jax.jit(lambda p, v: model.apply(p, v, method=model.log_prob))(params, x)
+    log_prob = _log_prob(name)(params, x)
     chex.assert_shape(log_prob, (2,))
     chex.assert_tree_all_finite((log_prob, log_det))
     samples = jax.jit(lambda p, k: model.apply(p, k, 5, 0.7, method=model.sample))(params, jax.random.key(3))
@@ -106,15 +131,14 @@ def _zero_actnorm(params):
     return jax.tree_util.tree_map_with_path(fix, params)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", SLOW_REALNVP)
 def test_identity_initialized_flow_is_the_base_density_after_preprocessing(name, model_inits):
     """Zero-initialized conditioners make every coupling the identity; with ActNorm set to the
     identity too, log p(x) is the prior density of the preprocessed x plus its log-det. (With
     ActNorm's data-dependent initialization zeroed, parameters initialized on other data serve.)"""
-    model = MODELS[name]
     x = random_input(jax.random.key(4), (2, 28, 28, 1), unit_interval=True)
     params = _zero_actnorm(model_inits[1][name])
-    log_prob = model.apply(params, x, method=model.log_prob)
+    log_prob = _log_prob(name)(params, x)  # the round-trip test's compilation (same shapes)
     if name == "nice":  # no preprocessing, logistic prior
         z = x.reshape(2, -1)
         expected = (-jax.nn.softplus(z) - jax.nn.softplus(-z)).sum(-1)
@@ -194,7 +218,7 @@ def test_distrax_bijector_and_distribution_agree_with_the_model(name, model_para
     x_back, fwd_log_det = bij.forward_and_log_det(z)
     np.testing.assert_allclose(x_back, x, atol=1e-4)
     np.testing.assert_allclose(fwd_log_det, -inv_log_det, rtol=1e-5, atol=1e-3)
-    want = jax.jit(lambda p, v: model.apply(p, v, method=model.log_prob))(params, x)
+    want = _log_prob(name)(params, x)  # compiled by the round-trip test
     np.testing.assert_allclose(dist.log_prob(x), want, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(lambda d, v: d.log_prob(v))(dist, x), want, rtol=1e-6)
     if name == "nice":  # the cheapest model: any batch shape in front of the event
@@ -303,10 +327,10 @@ def test_variational_dequantization_starts_as_uniform_noise(name="nice"):
     model = uniform.clone(dequantization="variational", dequantizer_hidden=8, dequantizer_couplings=2)
     pixels = (np.random.default_rng(0).random((3, 28, 28)) * 256).astype(np.uint8)
     x0 = jnp.asarray(pixels[..., None] + 0.5) / 256
-    params, twin = model.init(jax.random.key(0), x0), uniform.init(jax.random.key(0), x0)
+    params, twin = jax.jit(model.init)(jax.random.key(0), x0), jax.jit(uniform.init)(jax.random.key(0), x0)
     chex.assert_trees_all_equal({k: v for k, v in params["params"].items() if k != "dequantizer"}, twin["params"])
     key = jax.random.key(1)
-    x, log_q = model.apply(params, pixels, key, method=model.dequantize)
+    x, log_q = model.apply(params, pixels, key, method=model.dequantize)  # eager: exactly 0 (jit reorders sums)
     np.testing.assert_array_equal(log_q, 0.0)
     np.testing.assert_allclose(model.apply(params, pixels, key, method=model.pixel_log_prob),
                                uniform.apply(twin, pixels, key, method=uniform.pixel_log_prob), rtol=1e-5)
