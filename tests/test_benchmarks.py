@@ -69,11 +69,23 @@ def test_quick_benchmark_json_shape(tmp_path):
             assert isinstance(case["ratios"][name], float) and case["ratios"][name] > 0
 
 
-def test_torch_peers_build_and_run_one_step():
+@pytest.fixture
+def torch_one_thread():
+    """torch (skipped where absent) on one thread while the test runs: these tests take single
+    small steps, and torch's thread pool waiting beside the other pytest worker made them 2-4x
+    slower (one step of each peer: ~4 s instead of 7-15 s on 2 cores)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+def test_torch_peers_build_and_run_one_step(torch_one_thread):
     """Each PyTorch peer of `python -m benchmarks` is built as the harness builds it and runs one
     step (CI installs the [bench] extra; skipped only where torch is absent): the flow peer has
     jaxdnn's RealNVP parameter count, and refuses a dequantization it does not mirror."""
-    torch = pytest.importorskip("torch")
+    torch = torch_one_thread
     import jax
     import jax.numpy as jnp
 
@@ -101,9 +113,9 @@ def test_torch_peers_build_and_run_one_step():
 
 
 @pytest.mark.slow
-def test_torch_flow_peer_is_the_same_function_as_jaxdnns_realnvp():
+def test_torch_flow_peer_is_the_same_function_as_jaxdnns_realnvp(torch_one_thread):
     """With jaxdnn's (perturbed) parameters copied in, the PyTorch RealNVP gives the same log p."""
-    torch = pytest.importorskip("torch")
+    torch = torch_one_thread
     import jax
 
     from benchmarks.cases import _torch_realnvp
