@@ -19,10 +19,12 @@ from tqdm import tqdm
 
 from experiments.common import ArgumentParser, fail, save_figure
 
+POSTERIOR_IMAGES = {False: "0:8", True: "0:1"}
 IMAGES_DEFAULT, IMAGES_FAST = "0:10", "0:2"  # P3: the 10 images its figures show (README: 100-image table)
 P3_MASKS = ("hw10", "top_half", "center")
 P3_METHODS = ("pgd", "annealed", "latent_map", "latent")  # the course's method, pixel vs latent space
-COST = {"p3_glow": 4, "p3_realnvp": 3, "p1_vae_reparameterization": 2, "p1_vae_log_derivative": 2}  # longest first
+COST = {"p3_glow": 4, "p3_posterior_realnvp": 3.5, "p3_realnvp": 3, "p1_vae_reparameterization": 2,
+        "p1_vae_log_derivative": 2}  # longest first
 
 
 def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
@@ -46,6 +48,10 @@ def parts(fast: bool) -> list[tuple[str, str, list[str]]]:
     for model in ("realnvp",) if fast else ("realnvp", "glow"):  # one process a model: shared compilations
         runs.append((f"p3_{model}", "inpaint", ["--model", model, "--mask", ",".join(masks),
                                                "--method", ",".join(P3_METHODS), "--images", images, *steps]))
+    # the flow's own posterior (HMC at T = 1) on test digits with the center missing, beside two ensembles
+    sampler = ["--chains", "4", "--warmup", "4", "--draws", "2", "--leapfrog", "2"] if fast else ["--chains", "16"]
+    runs.append(("p3_posterior_realnvp", "inpaint_posterior", ["--model", "realnvp", "--mask", "center", "--split",
+                                                              "test", "--images", POSTERIOR_IMAGES[fast], *sampler]))
     return runs
 
 

@@ -27,7 +27,10 @@ def test_hw10_fast_writes_report_summary_and_figures(tmp_path):
     assert {f"p3_realnvp_hw10_{m}" for m in P3_METHODS} <= set(parts)
     assert set(parts["p3_realnvp_hw10_latent"]["baselines"]) == {"mean_fill", "nearest_neighbor", "knn_mean",
                                                                  "knn_matched", "conditional_mean", "start"}
+    (posterior,) = parts["p3_posterior_realnvp"]["masks"]  # the flow's own posterior, beside two ensembles
+    assert posterior["mask"] == "center" and set(posterior["baselines"]) == {"knn", "network+gaussian"}
     report = (out / "report.md").read_text()
+    assert "### The flow's posterior" in report and "| realnvp | center | 1 x 4 |" in report
     for heading in ("## P1", "## P2", "## P3", "## P4", "## P5", "## P6"):
         assert heading in report
     assert "- realnvp, mask hw10: pgd " in report and "latent " in report  # the P3 verdict

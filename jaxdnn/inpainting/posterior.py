@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from jaxdnn.data.preprocess import to_pixels
 from jaxdnn.flows.distribution import FlowDistribution
 from jaxdnn.inpainting.baselines import nearest_training_images
+from jaxdnn.inpainting.latent import as_flow
 from jaxdnn.inpainting.masks import check_images, check_mask
 
 __all__ = ["POSTERIOR_DEFAULTS", "Posterior", "block_means", "crps", "energy_score", "inpaint_posterior",
@@ -370,7 +371,7 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
         starts = jnp.clip(flow.sample(seed=k_start, sample_shape=(n, chains)), 0.0, 1.0)
     starts = _dequantize(flow, starts, data if (noise_std == 0 and downsample == 1) else None, masks,
                          jax.random.fold_in(k_start, 1))
-    log_prob = jax.tree_util.Partial(_flow_log_prob(flow.model), flow.params)
+    log_prob = as_flow(flow.model, flow.params).log_prob
     sigma = None if (noise_std == 0 and downsample == 1) else float(noise_std)
     size = max(1, batch_chains // chains)  # images per sampler call: ~batch_chains chains run together
     outs, groups = [], range(0, n, size)
@@ -399,9 +400,3 @@ def _dequantize(flow: FlowDistribution, starts, bins, masks, key):
 @functools.cache
 def _dequantizer(model):
     return jax.jit(lambda params, pixels, key: model.apply(params, pixels, key, method=model.dequantize)[0])
-
-
-@functools.cache
-def _flow_log_prob(model):
-    """(params, x) -> log p(x), one function per model (so compilations are shared)."""
-    return lambda params, x: model.apply(params, x, method=model.log_prob)
