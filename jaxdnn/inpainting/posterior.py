@@ -317,8 +317,8 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
         Neither: starts are the flow's own draws. Starts do not enter the target.
     chains, warmup, draws, leapfrog: `POSTERIOR_DEFAULTS`; cost: chains x (warmup + draws) x
         leapfrog gradients of the flow per image. batch_chains: chains run in one batch (XLA:CPU
-        is fastest near 128; images are processed in groups of batch_chains // chains, each
-        with its own key, so a result depends on the group size).
+        is fastest near 128; images are processed in groups of min(batch_chains // chains, B),
+        each with its own key, so a result depends on the group size).
     Returns a `Posterior` with K = chains samples per image (the result always has the batch axis).
     """
     if not isinstance(flow, FlowDistribution):
@@ -373,7 +373,7 @@ def inpaint_posterior(flow: FlowDistribution, image, mask, key, *, reference=Non
                          jax.random.fold_in(k_start, 1))
     log_prob = as_flow(flow.model, flow.params).log_prob
     sigma = None if (noise_std == 0 and downsample == 1) else float(noise_std)
-    size = max(1, batch_chains // chains)  # images per sampler call: ~batch_chains chains run together
+    size = max(1, min(batch_chains // chains, n))  # images per sampler call: ~batch_chains chains together
     outs, groups = [], range(0, n, size)
     bar = tqdm(total=len(groups) * (warmup + draws), desc="HMC", unit="it", disable=not progress)
     for lo in groups:
