@@ -15,11 +15,16 @@ def _err(part):
     return f"**failed**: {part['error']} (`{part.get('command', '')}`)" if "error" in part else None
 
 
+def _course_p3(key: str) -> bool:
+    """A part of P3's course-method table (one per model, mask and method), not the posterior's."""
+    return key.startswith("p3_") and not key.startswith("p3_posterior")
+
+
 def _p3_verdicts(p: dict) -> list[str]:
     """One line per (model, mask): every method's PSNR, and the best one against the baselines."""
     runs = {}
     for k, r in p.items():
-        if k.startswith("p3_") and not k.startswith("p3_posterior") and "error" not in r:
+        if _course_p3(k) and "error" not in r:
             runs.setdefault((r["model"], r["mask"]), {})[r["method"]] = r
     lines = []
     for (model, mask), d in runs.items():
@@ -133,7 +138,7 @@ def write_report(summary: dict, out: Path) -> Path:
           " | nearest-neighbour PSNR | 10-NN-mean PSNR |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, r in p.items():
-        if not k.startswith("p3_") or k.startswith("p3_posterior"):
+        if not _course_p3(k):
             continue
         if "error" in r:
             L.append(f"| {k} | {_err(r)} | | | | | | | | |")
@@ -147,7 +152,7 @@ def write_report(summary: dict, out: Path) -> Path:
     L += _p3_verdicts(p)
     shown = set()
     for k, r in p.items():  # one figure per (model, mask): rows original, observed, each method, knn_mean
-        if k.startswith("p3_") and not k.startswith("p3_posterior") and not shown.issuperset(r.get("figures", [])):
+        if _course_p3(k) and not shown.issuperset(r.get("figures", [])):
             shown.update(r.get("figures", []))
             _fig(L, r)
 

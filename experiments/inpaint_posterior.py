@@ -130,11 +130,11 @@ def pool(rows: list[dict]) -> dict:
             "figure": rows[0].get("figure")}
 
 
-def score_range(a, flow, name: str, lo: int, hi: int, train, baseline_std, figure_path) -> dict:
-    """Samples and scores images lo..hi-1 of the split under mask `name` (one row, with every
-    image's scores in `per_image`); a range is run the same way whatever range it is part of."""
-    pixels, labels = load_mnist(a.split)
-    images, labels = to_unit_interval(pixels[lo:hi]), labels[lo:hi]
+def score_range(a, flow, name: str, lo: int, hi: int, split, train, baseline_std, figure_path) -> dict:
+    """Samples and scores images lo..hi-1 of `split` ((uint8 pixels, labels)) under mask `name`
+    (one row, with every image's scores in `per_image`); a range is run the same way whatever
+    range it is part of."""
+    images, labels = to_unit_interval(split[0][lo:hi]), split[1][lo:hi]
     key = jax.random.key(a.seed)
     mask_name = "center" if name == "downsample" else name  # unused by downsampling
     masks = ip.batch_masks(mask_name, np.arange(lo, hi), jax.random.fold_in(key, 1))
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         flow = pretrained.load_distribution(a.model)
     except (ValueError, OSError) as e:
         fail(PROG, f"--model: {e}")
-    train = to_unit_interval(load_mnist("train")[0])
+    train, split = to_unit_interval(load_mnist("train")[0]), load_mnist(a.split)
     lo, hi = a.images
     step = a.chunk or hi - lo
     ranges = [(s, min(s + step, hi)) for s in range(lo, hi, step)]
@@ -224,10 +224,10 @@ def main(argv=None) -> int:
             if baseline_std is None:
                 baseline_std = network_std("center" if name == "downsample" else name, a.observation,
                                            jax.random.key(a.seed))
-            parts.append(score_range(a, flow, name, r_lo, r_hi, train, baseline_std, figure_path))
+            parts.append(score_range(a, flow, name, r_lo, r_hi, split, train, baseline_std, figure_path))
             if a.chunk:
                 atomic_write_bytes(saved, json.dumps({"settings": settings, "row": parts[-1]}).encode())
-        row = pool(parts) if len(parts) > 1 else {**parts[0], "images": r_hi - lo}
+        row = pool(parts)
         rows.append(row)
         if not a.json:
             _report(row)

@@ -227,7 +227,7 @@ def test_a_chunked_run_saves_each_range_resumes_and_pools(tmp_path, monkeypatch,
 
     calls = []
 
-    def fake_range(a, flow, name, lo, hi, train, std, figure_path):
+    def fake_range(a, flow, name, lo, hi, split, train, std, figure_path):
         calls.append((lo, hi))
         n = hi - lo
         per = {e: {k: list(np.arange(lo, hi) * w + off) for k in ("crps", "energy", "psnr", "brier")}
